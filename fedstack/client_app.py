@@ -1,0 +1,91 @@
+"""The fedstack ClientApp: local training and evaluation on one data owner's partition.
+
+Protocol layers (secure aggregation, HE) wrap these handlers as mods (`protocol_mod`), and
+the privacy layer (DP-SGD) is the `LocalTrainer` chosen here, so the handlers only ever see
+plaintext models and never know which protocol carries their update.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedstack.config import config_from_message
+from fedstack.strategies.client_mods import protocol_mod
+from fedstack.strategies.reply_validation import DECLINE_RECORD, DECLINED_KEY, NUM_EXAMPLES_KEY
+from fedstack.task.client_data import ClientData, load_client_data
+from fedstack.task.models import build_model
+from fedstack.task.training import LocalTrainer, SGDTrainer, evaluate_model
+
+#: Node-config keys that place this node's data (set by simulation, or by
+#: `flower-supernode --node-config "partition-id=0 num-partitions=3"` in deployment).
+PARTITION_ID_KEY = "partition-id"
+NUM_PARTITIONS_KEY = "num-partitions"
+#: Builder of the DP-SGD trainer (imported only when `dp=local`).
+DP_TRAINER_BUILDER = "fedstack.privacy.local_trainer:build_dp_trainer"
+
+app = ClientApp()
+
+
+def partition_of(context: Context) -> tuple[int, int]:
+    """(partition id, number of partitions) of this node, from its node config."""
+    node_config = context.node_config
+    if PARTITION_ID_KEY not in node_config or NUM_PARTITIONS_KEY not in node_config:
+        raise ValueError(f"node config lacks '{PARTITION_ID_KEY}'/'{NUM_PARTITIONS_KEY}': "
+                         "start the SuperNode with --node-config "
+                         "\"partition-id=<i> num-partitions=<n>\"")
+    return int(node_config[PARTITION_ID_KEY]), int(node_config[NUM_PARTITIONS_KEY])
+
+
+def _client_setup(msg: Message, context: Context) -> tuple[Any, int, ClientData, Any]:
+    cfg = config_from_message(msg, context)
+    partition_id, num_partitions = partition_of(context)
+    data = load_client_data(cfg, partition_id, num_partitions)
+    model = build_model(cfg.task.model, data.task.input_shape, data.task.num_classes, cfg.seed)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    return cfg, partition_id, data, model
+
+
+def local_trainer(cfg: Any, context: Context, partition_id: int, data: ClientData) -> LocalTrainer:
+    """Plain SGD, or DP-SGD when `dp=local` (the privacy layer keeps its state in `context`)."""
+    if cfg.dp.name == "none":
+        return SGDTrainer(cfg.task, int(cfg.seed), partition_id)
+    from fedstack.strategies import load_object
+
+    return load_object(DP_TRAINER_BUILDER)(cfg, context, partition_id, data)
+
+
+@app.train(mods=[protocol_mod])
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on the local partition; reply with the new weights."""
+    cfg, partition_id, data, model = _client_setup(msg, context)
+    server_round = int(msg.content["config"]["server-round"])
+    trainer = local_trainer(cfg, context, partition_id, data)
+    outcome = trainer.train(model, data.train, server_round)
+    metrics: dict[str, Any] = {"partition-id": partition_id, **outcome.metrics}
+    if outcome.declined is not None:
+        metrics.update({DECLINED_KEY: 1, NUM_EXAMPLES_KEY: 0})
+        return Message(RecordDict({
+            "metrics": MetricRecord(metrics),
+            DECLINE_RECORD: ConfigRecord({"reason": outcome.declined, "permanent": True}),
+        }), reply_to=msg)
+    metrics.update({NUM_EXAMPLES_KEY: outcome.num_examples, "train-loss": outcome.train_loss})
+    return Message(RecordDict({
+        "arrays": ArrayRecord(model.state_dict()),
+        "metrics": MetricRecord(metrics),
+    }), reply_to=msg)
+
+
+@app.evaluate(mods=[protocol_mod])
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on the local validation split."""
+    _, partition_id, data, model = _client_setup(msg, context)
+    loss, accuracy = evaluate_model(model, data.x_val, data.y_val)
+    return Message(RecordDict({"metrics": MetricRecord({
+        NUM_EXAMPLES_KEY: len(data.y_val),
+        "eval-loss": loss,
+        "eval-accuracy": accuracy,
+        "partition-id": partition_id,
+    })}), reply_to=msg)

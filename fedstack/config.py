@@ -1,0 +1,372 @@
+"""Run configuration: Hydra composition, a typed schema per group, and validation.
+
+The same composition serves both ways into a run: `flwr run .` (group choices and a free
+`overrides` string arrive in the run config) and `fedstack run key=value ...` (a Hydra
+command line). The server composes and validates once, then sends the resolved YAML to
+clients in every message, so every party of a run works from one configuration even where
+Flower gives the client no run config (in-process simulation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import shlex
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+#: Key of the resolved configuration (YAML) in a message's ConfigRecord.
+CONFIG_MESSAGE_KEY = "fedstack.config"
+#: Key under which a client caches the configuration in its `context.state`.
+CONFIG_STATE_KEY = "fedstack.config"
+#: Run-config keys (pyproject `[tool.flwr.app.config]`) that choose a Hydra group.
+GROUP_RUN_CONFIG_KEYS = ("task", "aggregation", "dp", "partition")
+#: Run-config key holding free Hydra overrides.
+OVERRIDES_RUN_CONFIG_KEY = "overrides"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the offending key."""
+
+
+def conf_dir() -> Path:
+    """Directory of the Hydra configs: `FEDSTACK_CONF_DIR` or `conf/` beside the package."""
+    env = os.environ.get("FEDSTACK_CONF_DIR")
+    if env:
+        return Path(env).resolve()
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+@dataclass
+class RootSettings:
+    """Top-level keys of `conf/config.yaml` (groups are validated by their own schema)."""
+
+    seed: int = 42
+    num_rounds: int = 10
+    num_clients: int = 5
+    output_dir: str = "outputs"
+    run_name: str | None = None
+    resume: str | None = None
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_nodes: int = 2
+    min_evaluate_nodes: int = 2
+    min_valid_replies: int = 1
+    max_num_examples: int = 1_000_000
+    round_timeout: float = 300.0
+    central_evaluation: bool = True
+    log_table: bool = True
+    task: Any = None
+    aggregation: Any = None
+    dp: Any = None
+    partition: Any = None
+
+
+@dataclass
+class TaskSettings:
+    """Embedded tasks (`digits`, `breast_cancer`): data ships with scikit-learn."""
+
+    name: str = "digits"
+    model: str = "digits_cnn"
+    test_fraction: float = 0.2
+    client_val_fraction: float = 0.2
+    local_epochs: int = 1
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    learning_rate: float = 0.05
+    momentum: float = 0.9
+
+    def validate(self, cfg: DictConfig) -> None:
+        _check(0.0 < self.test_fraction < 1.0, "task.test_fraction", self.test_fraction,
+               "must be in (0, 1)")
+        _check(0.0 <= self.client_val_fraction < 1.0, "task.client_val_fraction",
+               self.client_val_fraction, "must be in [0, 1)")
+        _check(self.local_epochs >= 1, "task.local_epochs", self.local_epochs, "must be >= 1")
+        _check(self.batch_size >= 1, "task.batch_size", self.batch_size, "must be >= 1")
+        _check(self.learning_rate > 0, "task.learning_rate", self.learning_rate, "must be > 0")
+        _check(0.0 <= self.momentum < 1.0, "task.momentum", self.momentum, "must be in [0, 1)")
+        _check(self.optimizer in ("sgd", "adam"), "task.optimizer", self.optimizer,
+               "must be one of: sgd, adam")
+        from fedstack.task.models import MODEL_BUILDERS
+
+        allowed = sorted(MODEL_BUILDERS) + (["auto"] if self.name == "hf" else [])
+        _check(self.model in allowed, "task.model", self.model,
+               f"must be one of: {', '.join(allowed)}")
+
+
+@dataclass
+class HFTaskSettings(TaskSettings):
+    """`task=hf`: a Hugging Face dataset or local files through flwr-datasets."""
+
+    name: str = "hf"
+    model: str = "auto"
+    dataset: str = ""
+    data_files: Any = None
+    split: str = "train"
+    test_split: str | None = None
+    label_column: str = "label"
+    feature_columns: Any = None
+    image_column: str | None = None
+    image_size: int = 16
+    num_classes: int | None = None
+
+    def validate(self, cfg: DictConfig) -> None:
+        super().validate(cfg)
+        _check(bool(self.dataset), "task.dataset", self.dataset,
+               "must name a Hub dataset or a builder (csv, parquet, json, imagefolder)")
+        _check(self.image_size >= 4, "task.image_size", self.image_size, "must be >= 4")
+        if self.num_classes is not None:
+            _check(self.num_classes >= 2, "task.num_classes", self.num_classes, "must be >= 2")
+
+
+@dataclass
+class FedAvgSettings:
+    """`aggregation=fedavg`: plain weighted averaging, no options."""
+
+    name: str = "fedavg"
+
+
+@dataclass
+class NoDPSettings:
+    """`dp=none`: no differential privacy."""
+
+    name: str = "none"
+
+
+@dataclass
+class IIDPartitionSettings:
+    name: str = "iid"
+
+
+@dataclass
+class DirichletPartitionSettings:
+    name: str = "dirichlet"
+    alpha: float = 0.5
+    min_partition_size: int = 10
+    self_balancing: bool = False
+
+    def validate(self, cfg: DictConfig) -> None:
+        _check(self.alpha > 0, "partition.alpha", self.alpha, "must be > 0")
+        _check(self.min_partition_size >= 1, "partition.min_partition_size",
+               self.min_partition_size, "must be >= 1")
+
+
+@dataclass
+class ShardsPartitionSettings:
+    name: str = "shards"
+    shards_per_client: int = 2
+
+    def validate(self, cfg: DictConfig) -> None:
+        _check(self.shards_per_client >= 1, "partition.shards_per_client",
+               self.shards_per_client, "must be >= 1")
+
+
+#: Schema of every group option, by dotted path so optional layers import lazily.
+GROUP_SCHEMAS: dict[str, dict[str, str]] = {
+    "task": {
+        "digits": "fedstack.config:TaskSettings",
+        "breast_cancer": "fedstack.config:TaskSettings",
+        "hf": "fedstack.config:HFTaskSettings",
+    },
+    "aggregation": {
+        "fedavg": "fedstack.config:FedAvgSettings",
+        "secagg": "fedstack.strategies.secagg.settings:SecAggSettings",
+        "he": "fedstack.strategies.he.settings:HESettings",
+    },
+    "dp": {
+        "none": "fedstack.config:NoDPSettings",
+        "local": "fedstack.privacy.settings:LocalDPSettings",
+    },
+    "partition": {
+        "iid": "fedstack.config:IIDPartitionSettings",
+        "dirichlet": "fedstack.config:DirichletPartitionSettings",
+        "shards": "fedstack.config:ShardsPartitionSettings",
+    },
+}
+
+
+def _check(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} {why}")
+
+
+def _load_schema(path: str) -> type:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _merge_schema(schema: type, node: Any, where: str) -> DictConfig:
+    """Merge `node` into the typed schema; unknown keys and wrong types name the key."""
+    base = OmegaConf.structured(schema)
+    try:
+        merged = OmegaConf.merge(base, node)
+    except (ConfigKeyError, ValidationError, OmegaConfBaseException) as exc:
+        key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+        full = f"{where}.{key}" if where and key else (key or where)
+        msg = str(exc).splitlines()[0]
+        if isinstance(exc, ConfigKeyError):
+            allowed = ", ".join(f.name for f in dataclasses.fields(schema))
+            raise ConfigError(f"unknown key '{full}' (allowed here: {allowed})") from None
+        raise ConfigError(f"bad value for '{full}': {msg}") from None
+    return merged  # type: ignore[return-value]
+
+
+def validate_config(cfg: DictConfig) -> DictConfig:
+    """Type-check every key against its schema and run cross-field checks.
+
+    Returns a new, fully resolved DictConfig (read-only, structure-locked) whose groups carry
+    every field of their schema.
+    """
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    cfg.pop("hydra", None)
+    groups: dict[str, DictConfig] = {}
+    for group, options in GROUP_SCHEMAS.items():
+        node = cfg.get(group)
+        if node is None or "name" not in node:
+            raise ConfigError(f"missing config group '{group}' (choose one of: "
+                              f"{', '.join(options)})")
+        name = node["name"]
+        if name not in options:
+            raise ConfigError(f"{group}={name!r} is not an option (choose one of: "
+                              f"{', '.join(options)})")
+        try:
+            schema = _load_schema(options[name])
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"{group}={name!r} is not available in this install: {exc}") from exc
+        groups[group] = _merge_schema(schema, node, group)
+    root_node = {k: v for k, v in cfg.items() if k not in GROUP_SCHEMAS}
+    root = _merge_schema(RootSettings, root_node, "")
+    for group, node in groups.items():
+        root[group] = node
+    _cross_checks(root)
+    for node in groups.values():
+        settings = OmegaConf.to_object(node)
+        check = getattr(settings, "validate", None)
+        if callable(check):
+            check(root)
+    OmegaConf.set_readonly(root, True)
+    OmegaConf.set_struct(root, True)
+    return root
+
+
+def _cross_checks(cfg: DictConfig) -> None:
+    _check(cfg.num_rounds >= 1, "num_rounds", cfg.num_rounds, "must be >= 1")
+    _check(cfg.num_clients >= 1, "num_clients", cfg.num_clients, "must be >= 1")
+    _check(0.0 < cfg.fraction_train <= 1.0, "fraction_train", cfg.fraction_train,
+           "must be in (0, 1]")
+    _check(0.0 <= cfg.fraction_evaluate <= 1.0, "fraction_evaluate", cfg.fraction_evaluate,
+           "must be in [0, 1]")
+    _check(1 <= cfg.min_train_nodes <= cfg.num_clients, "min_train_nodes", cfg.min_train_nodes,
+           f"must be between 1 and num_clients={cfg.num_clients}")
+    _check(0 <= cfg.min_evaluate_nodes <= cfg.num_clients, "min_evaluate_nodes",
+           cfg.min_evaluate_nodes, f"must be between 0 and num_clients={cfg.num_clients}")
+    _check(1 <= cfg.min_valid_replies <= cfg.num_clients, "min_valid_replies",
+           cfg.min_valid_replies, f"must be between 1 and num_clients={cfg.num_clients}")
+    _check(cfg.max_num_examples >= 1, "max_num_examples", cfg.max_num_examples, "must be >= 1")
+    _check(cfg.round_timeout > 0, "round_timeout", cfg.round_timeout, "must be > 0")
+    _check(bool(cfg.output_dir), "output_dir", cfg.output_dir, "must not be empty")
+    if cfg.partition.name == "shards":
+        _check(cfg.task.name != "hf" or cfg.task.label_column is not None,
+               "partition", "shards", "needs task.label_column")
+
+
+# --------------------------------------------------------------------------- composition
+
+
+def compose_config(overrides: Iterable[str] = ()) -> DictConfig:
+    """Compose `conf/config.yaml` with Hydra overrides and validate the result."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    overrides = list(overrides)
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base=None):
+            cfg = compose(config_name="config", overrides=overrides)
+    except HydraException as exc:
+        raise ConfigError(f"cannot compose the config with overrides {overrides}: "
+                          f"{str(exc).splitlines()[0]}") from None
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"bad override in {overrides}: {str(exc).splitlines()[0]}") from None
+    return validate_config(cfg)
+
+
+def overrides_from_run_config(run_config: Mapping[str, Any]) -> list[str]:
+    """Hydra overrides from Flower's run config: group choices, then the free string."""
+    overrides: list[str] = []
+    for key in GROUP_RUN_CONFIG_KEYS:
+        value = run_config.get(key)
+        if value not in (None, ""):
+            overrides.append(f"{key}={value}")
+    extra = str(run_config.get(OVERRIDES_RUN_CONFIG_KEY, "") or "")
+    try:
+        overrides.extend(shlex.split(extra))
+    except ValueError as exc:
+        raise ConfigError(f"overrides={extra!r} cannot be parsed: {exc}") from None
+    return overrides
+
+
+def config_to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def config_from_yaml(text: str) -> DictConfig:
+    """Re-validate a configuration that travelled as YAML (never trust it blindly)."""
+    return validate_config(OmegaConf.create(text))
+
+
+def config_from_message(msg: Any, context: Any) -> DictConfig:
+    """The run's configuration on the client: from the message, cached in `context.state`.
+
+    The server sends it with every train/evaluate message; stage messages of multi-exchange
+    protocols may omit it, so the last one seen is kept in the node's state.
+    """
+    from flwr.app import ConfigRecord
+
+    text: str | None = None
+    content = getattr(msg, "content", None)
+    if content is not None and "config" in content.config_records:
+        text = content.config_records["config"].get(CONFIG_MESSAGE_KEY)  # type: ignore[assignment]
+    state = context.state
+    if text is None:
+        if CONFIG_STATE_KEY not in state.config_records:
+            raise ConfigError("no run configuration received from the server yet")
+        text = str(state.config_records[CONFIG_STATE_KEY]["yaml"])
+    else:
+        cached = state.config_records.get(CONFIG_STATE_KEY)
+        if cached is None or cached.get("yaml") != text:
+            state.config_records[CONFIG_STATE_KEY] = ConfigRecord({"yaml": text})
+    return _cached_parse(text)
+
+
+_PARSE_CACHE: dict[str, DictConfig] = {}
+
+
+def _cached_parse(text: str) -> DictConfig:
+    # Validation composes schemas and imports layers; parse each distinct config once per
+    # process (Ray actors serve many messages of the same run).
+    cfg = _PARSE_CACHE.get(text)
+    if cfg is None:
+        if len(_PARSE_CACHE) > 8:
+            _PARSE_CACHE.clear()
+        cfg = _PARSE_CACHE[text] = config_from_yaml(text)
+    return cfg
+
+
+def settings_of(node: DictConfig) -> Any:
+    """The group's settings dataclass instance (e.g. `settings_of(cfg.dp)`)."""
+    return OmegaConf.to_object(node)

@@ -1,0 +1,81 @@
+"""The client's privacy budget: decide *before* training whether a round still fits.
+
+Why before: once a noisy update has left the client its privacy cost is spent, so a check
+after training would let the last round overshoot. The decision simulates the accountant
+with this round's steps added and declines if ε would exceed the budget. A data owner may
+tighten the run's budget on its own node (node config `max-epsilon`), never loosen it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from fedstack.privacy.accountant_state import PrivacyState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BudgetDecision:
+    """Whether the next round may train, with the numbers behind the decision."""
+
+    allowed: bool
+    epsilon_spent: float
+    epsilon_after: float
+    max_epsilon: float | None
+    reason: str | None = None
+
+
+def parse_node_budget(value: Any) -> float | None:
+    """A node-config `max-epsilon` value (number or string) as a positive float."""
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return None
+    try:
+        budget = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"node config max-epsilon={value!r} is not a number") from None
+    if not (math.isfinite(budget) and budget > 0):
+        raise ValueError(f"node config max-epsilon={value!r} must be a positive number")
+    return budget
+
+
+def effective_budget(run_budget: float | None, node_budget: float | None) -> float | None:
+    """The tighter of the run's and the node's budget; a looser node value is ignored."""
+    if node_budget is None:
+        return run_budget
+    if run_budget is not None and node_budget > run_budget:
+        log.warning(
+            "node config max-epsilon=%s is looser than the run's budget %s: keeping the run's",
+            node_budget, run_budget,
+        )
+        return run_budget
+    return node_budget
+
+
+def check_round(
+    state: PrivacyState,
+    *,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    max_epsilon: float | None,
+) -> BudgetDecision:
+    """Would training `steps` more steps keep ε within `max_epsilon`?"""
+    spent = state.epsilon(delta)
+    after = state.with_steps(noise_multiplier, sample_rate, steps).epsilon(delta)
+    if max_epsilon is not None and after > max_epsilon:
+        return BudgetDecision(
+            allowed=False,
+            epsilon_spent=spent,
+            epsilon_after=after,
+            max_epsilon=max_epsilon,
+            reason=(
+                f"privacy budget exhausted: epsilon would reach {after:.4g} after this round "
+                f"(spent {spent:.4g}, budget {max_epsilon:.4g}, delta {delta:.3g})"
+            ),
+        )
+    return BudgetDecision(True, spent, after, max_epsilon)

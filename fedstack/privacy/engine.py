@@ -1,0 +1,352 @@
+"""The public entry point of local DP-SGD: one `LocalDP` per client per round.
+
+Opacus-style usage (what `DPTrainer` does for the ClientApp)::
+
+    dp = LocalDP(settings, num_examples=n, batch_size=B, local_epochs=E,
+                 planned_rounds=R, state=previous_state, node_max_epsilon=None)
+    decision = dp.check_budget()          # BEFORE training: would this round overshoot?
+    if not decision.allowed: decline(decision.reason)
+    private = dp.make_private(model, lambda params: SGD(params, lr), dataset)
+    for _ in range(E): private.train_epoch()
+    metrics = dp.end_round(private, server_round)   # {"epsilon": ..., "delta": ...}
+    save(dp.state)                                   # PrivacyState -> context.state
+
+Why a session object instead of Opacus's long-lived PrivacyEngine: a client process may
+not survive between rounds (deployment), so the accountant is rebuilt from the stored
+`PrivacyState` each round and written back after it; σ and δ are fixed at the first round
+and kept in that state. Training can never take more steps than the budget check assumed
+(`PrivateRound` refuses), and `make_private` repeats the budget check itself, so a caller
+cannot train a round that does not fit.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import replace
+
+import torch
+from opacus.accountants import IAccountant
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from fedstack.privacy.accountant_state import PrivacyState, PrivacyStateError
+from fedstack.privacy.bookkeeping import BookKeepingClipper
+from fedstack.privacy.budget import BudgetDecision, check_round, effective_budget
+from fedstack.privacy.calibration import (
+    SamplingPlan,
+    default_delta,
+    derive_noise_multiplier,
+    sampling_plan,
+)
+from fedstack.privacy.model_check import make_dp_compatible
+from fedstack.privacy.poisson import PoissonBatches, secret_generator
+from fedstack.privacy.settings import GRAD_SAMPLE_MODES, LocalDPSettings
+
+log = logging.getLogger(__name__)
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class BudgetExhaustedError(RuntimeError):
+    """Raised by `make_private` when the round would exceed the budget."""
+
+    def __init__(self, decision: BudgetDecision) -> None:
+        super().__init__(decision.reason)
+        self.decision = decision
+
+
+class LocalDP:
+    """DP-SGD parameters, accountant state and budget of one client for one round."""
+
+    def __init__(
+        self,
+        settings: LocalDPSettings,
+        *,
+        num_examples: int,
+        batch_size: int,
+        local_epochs: int,
+        planned_rounds: int,
+        state: PrivacyState | None = None,
+        node_max_epsilon: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if local_epochs < 1 or planned_rounds < 1:
+            raise ValueError("local_epochs and planned_rounds must be >= 1")
+        if settings.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"unknown grad_sample_mode {settings.grad_sample_mode!r}")
+        self.settings = settings
+        self.plan: SamplingPlan = sampling_plan(num_examples, batch_size)
+        self.local_epochs = int(local_epochs)
+        self.planned_rounds = int(planned_rounds)
+        self.steps_per_round = self.local_epochs * self.plan.steps_per_epoch
+        self.max_epsilon = effective_budget(settings.run_budget(), node_max_epsilon)
+        # Secret by default: the server knows the run seed, so it must not drive noise.
+        self.generator = generator if generator is not None else secret_generator()
+
+        state = state if state is not None else PrivacyState(mechanism=settings.accountant)
+        if state.mechanism != settings.accountant:
+            raise PrivacyStateError(
+                f"stored privacy state uses the {state.mechanism!r} accountant but "
+                f"dp.accountant={settings.accountant!r}; an accountant cannot be switched "
+                "mid-run without losing the history"
+            )
+        self.delta = state.delta if state.delta is not None else self._initial_delta()
+        self.noise_multiplier = (
+            state.noise_multiplier
+            if state.noise_multiplier is not None
+            else self._initial_noise_multiplier()
+        )
+        self.state = replace(state, delta=self.delta, noise_multiplier=self.noise_multiplier)
+
+    def _initial_delta(self) -> float:
+        n = self.plan.num_examples
+        delta = self.settings.delta if self.settings.delta is not None else default_delta(n)
+        if delta >= 1.0 / n:
+            raise ValueError(
+                f"dp.delta={delta:g} is not below 1/n_k={1.0 / n:g} for a client with {n} "
+                "examples: such a delta allows publishing a record outright; lower dp.delta "
+                "or leave it null"
+            )
+        return float(delta)
+
+    def _initial_noise_multiplier(self) -> float:
+        if self.settings.noise_multiplier is not None:
+            return float(self.settings.noise_multiplier)
+        assert self.settings.target_epsilon is not None  # validated: exactly one is set
+        return derive_noise_multiplier(
+            target_epsilon=float(self.settings.target_epsilon),
+            delta=self.delta,
+            sample_rate=self.plan.sample_rate,
+            total_steps=self.planned_rounds * self.steps_per_round,
+            accountant=self.settings.accountant,
+        )
+
+    # -- budget ------------------------------------------------------------------------
+    def epsilon(self) -> float:
+        """ε spent so far by this client (all rounds, all processes)."""
+        return self.state.epsilon(self.delta)
+
+    def check_budget(self) -> BudgetDecision:
+        """Would one more round (all its steps) stay within the budget?"""
+        return check_round(
+            self.state,
+            noise_multiplier=self.noise_multiplier,
+            sample_rate=self.plan.sample_rate,
+            steps=self.steps_per_round,
+            delta=self.delta,
+            max_epsilon=self.max_epsilon,
+        )
+
+    # -- training ----------------------------------------------------------------------
+    def make_private(
+        self,
+        model: nn.Module,
+        optimizer_factory: OptimizerFactory,
+        dataset: Dataset,
+        *,
+        allow_model_fix: bool = True,
+    ) -> PrivateRound:
+        """Wrap model, optimizer and data for one round of DP-SGD.
+
+        The model is checked (and, if `allow_model_fix`, fixed: BatchNorm -> GroupNorm) and
+        the optimizer is built *after* fixing from the returned model's parameters. Raises
+        BudgetExhaustedError if the round does not fit the budget.
+        """
+        decision = self.check_budget()
+        if not decision.allowed:
+            raise BudgetExhaustedError(decision)
+        if len(dataset) != self.plan.num_examples:  # type: ignore[arg-type]
+            raise ValueError(
+                f"dataset has {len(dataset)} examples but the sampling plan was made for "  # type: ignore[arg-type]
+                f"{self.plan.num_examples}"
+            )
+        model, changes = make_dp_compatible(model)
+        if changes and not allow_model_fix:
+            raise ValueError(
+                "model is not DP-compatible as built: " + "; ".join(changes)
+                + ". Build it DP-compatible on every party (fedstack.privacy.model_check."
+                "make_dp_compatible) so that server and clients share one architecture."
+            )
+        optimizer = optimizer_factory(model.parameters())
+        batches = PoissonBatches(
+            dataset, self.plan.sample_rate, self.plan.steps_per_epoch, self.generator
+        )
+        return PrivateRound(
+            model=model,
+            optimizer=optimizer,
+            batches=batches,
+            accountant=self.state.accountant(),
+            noise_multiplier=self.noise_multiplier,
+            max_grad_norm=float(self.settings.max_grad_norm),
+            mode=self.settings.grad_sample_mode,
+            max_steps=self.steps_per_round,
+            generator=self.generator,
+        )
+
+    def end_round(self, private: PrivateRound, server_round: int) -> dict[str, float]:
+        """Take the round's steps into the state; the reply metrics (ε so far, δ)."""
+        private.close()
+        state = self.state.with_accountant(private.accountant)
+        epsilon = state.epsilon(self.delta)
+        self.state = state.with_round(server_round, epsilon)
+        metrics = {"epsilon": epsilon, "delta": self.delta}
+        if self.max_epsilon is not None:
+            metrics["epsilon-budget"] = self.max_epsilon
+        return metrics
+
+
+class PrivateRound:
+    """A model, optimizer and Poisson batches made private for one round.
+
+    `train_epoch` runs one pass of DP-SGD steps; the accountant advances by one step per
+    optimizer step (also for empty Poisson batches: the noisy update is still released).
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        batches: PoissonBatches,
+        accountant: IAccountant,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        mode: str,
+        max_steps: int,
+        generator: torch.Generator,
+    ) -> None:
+        self.model = model
+        self.batches = batches
+        self.accountant = accountant
+        self.noise_multiplier = float(noise_multiplier)
+        self.max_grad_norm = float(max_grad_norm)
+        self.mode = mode
+        self.max_steps = int(max_steps)
+        self.steps_taken = 0
+        self.sample_rate = batches.sample_rate
+        self.generator = generator
+        self._closed = False
+        n = len(batches.dataset)
+        # Opacus divides the noisy sum by int(n * q); we match it so modes are exchangeable.
+        self.expected_batch_size = max(1, int(n * batches.sample_rate))
+        if mode == "bk":
+            self.optimizer = optimizer
+            self._clipper: BookKeepingClipper | None = BookKeepingClipper(model, max_grad_norm)
+            self._criterion: Callable[[Tensor, Tensor], Tensor] = nn.CrossEntropyLoss(
+                reduction="none"
+            )
+            self._wrapped: nn.Module = model
+        else:
+            self._clipper = None
+            self._wrapped, self.optimizer, self._criterion = _opacus_private(
+                model, optimizer, batches, accountant, self.noise_multiplier,
+                self.max_grad_norm, mode, generator,
+            )
+
+    def train_epoch(self) -> tuple[float, int]:
+        """One epoch (len(batches) steps). Returns (sum of example losses, examples seen)."""
+        if self._closed:
+            raise RuntimeError("this PrivateRound is closed")
+        if self.steps_taken + len(self.batches) > self.max_steps:
+            raise RuntimeError(
+                f"training beyond the {self.max_steps} steps the budget check allowed for "
+                "this round would spend unaccounted privacy"
+            )
+        self.model.train()
+        loss_sum, seen = 0.0, 0
+        for xb, yb in self.batches:
+            loss_sum += self._step(xb, yb)
+            seen += len(yb)
+            self.steps_taken += 1
+        return loss_sum, seen
+
+    def _step(self, xb: Tensor, yb: Tensor) -> float:
+        if self._clipper is not None:
+            return self._bk_step(xb, yb)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._criterion(self._wrapped(xb), yb)
+        loss.backward()
+        self.optimizer.step()  # Opacus: clip, noise, scale, accountant hook, step
+        value = float(loss.detach()) if len(yb) else 0.0
+        return value * len(yb)
+
+    def _bk_step(self, xb: Tensor, yb: Tensor) -> float:
+        clipper = self._clipper
+        assert clipper is not None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        if len(yb):
+            with clipper.recording():
+                out = self.model(xb)
+            losses = self._criterion(out, yb)
+            clipper.clipped_backward(losses)
+            loss_sum = float(losses.detach().sum())
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in params:
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            if std > 0:
+                grad = grad + torch.normal(
+                    0.0, std, size=p.shape, generator=self.generator, dtype=p.dtype
+                )
+            p.grad = grad / self.expected_batch_size
+        self.optimizer.step()
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        return loss_sum
+
+    def close(self) -> None:
+        """Remove clipping hooks so the model behaves as a plain module again."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._clipper is not None:
+            self._clipper.remove()
+        else:
+            for name in ("_close", "remove_hooks"):
+                fn = getattr(self._wrapped, name, None)
+                if callable(fn):
+                    fn()
+                    break
+
+
+def _opacus_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: PoissonBatches,
+    accountant: IAccountant,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    mode: str,
+    generator: torch.Generator,
+) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[Tensor, Tensor], Tensor]]:
+    """Opacus's make_private with our accountant and our (already Poisson) batches.
+
+    ``poisson_sampling=False`` only tells Opacus not to re-sample: the batches are Poisson
+    already, and Opacus derives q = 1/len(batches), the same rate our plan uses. For ghost
+    clipping the *returned* criterion must be used (the original one trains unclipped).
+    """
+    from opacus import PrivacyEngine
+
+    engine = PrivacyEngine(accountant=accountant.mechanism())
+    engine.accountant = accountant
+    result = engine.make_private(
+        module=model,
+        optimizer=optimizer,
+        data_loader=batches,  # type: ignore[arg-type]
+        criterion=nn.CrossEntropyLoss(),
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=False,
+        noise_generator=generator,
+        grad_sample_mode=mode,
+    )
+    if mode == "ghost":
+        wrapped, dp_optimizer, criterion, loader = result  # type: ignore[misc]
+    else:
+        wrapped, dp_optimizer, loader = result  # type: ignore[misc]
+        criterion = nn.CrossEntropyLoss()
+    if loader is not batches or not math.isclose(1.0 / len(loader), batches.sample_rate):
+        raise RuntimeError("Opacus replaced the Poisson batches; accounting would not match")
+    return wrapped, dp_optimizer, criterion

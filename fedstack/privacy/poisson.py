@@ -1,0 +1,69 @@
+"""Poisson-sampled mini-batches, the sampling DP-SGD's accounting assumes.
+
+Why our own and not Opacus's DPDataLoader: the semantics are identical (every example is
+included independently with probability q at every step; batches vary in size and may be
+empty), but our client data are in-memory tensors, so indexing them directly avoids a
+per-example collate. The generator must be secret (see `secret_generator`): a server that
+could replay the sampling or the noise could undo the privacy.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, TensorDataset
+
+
+def secret_generator() -> torch.Generator:
+    """A torch generator seeded from the OS's CSPRNG.
+
+    Never derive DP noise or sampling from the run's seed: the server knows it. torch's
+    generator itself is not cryptographically secure (Opacus's ``secure_mode`` would use
+    torchcsprng, which is not installed here); see docs/dp.md.
+    """
+    gen = torch.Generator()
+    gen.manual_seed(secrets.randbits(63))
+    return gen
+
+
+def as_tensor_dataset(dataset: Dataset) -> TensorDataset:
+    """Our tasks hand over TensorDatasets; anything else is stacked into one once."""
+    if isinstance(dataset, TensorDataset):
+        return dataset
+    items = [dataset[i] for i in range(len(dataset))]  # type: ignore[arg-type]
+    if not items:
+        raise ValueError("cannot train on an empty dataset")
+    columns = list(zip(*items, strict=True))
+    return TensorDataset(*(torch.stack([torch.as_tensor(v) for v in col]) for col in columns))
+
+
+class PoissonBatches:
+    """Iterable over `steps` Poisson batches of `dataset` with sample rate `sample_rate`.
+
+    Exposes ``dataset`` and ``len()`` like a DataLoader, so Opacus's ``make_private``
+    (with ``poisson_sampling=False``) derives the same sample rate 1/len from it.
+    """
+
+    def __init__(
+        self, dataset: Dataset, sample_rate: float, steps: int, generator: torch.Generator
+    ) -> None:
+        if not 0 < sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+        self.dataset = as_tensor_dataset(dataset)
+        self.sample_rate = float(sample_rate)
+        self.steps = int(steps)
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        tensors = self.dataset.tensors
+        n = len(tensors[0])
+        for _ in range(self.steps):
+            mask = torch.rand(n, generator=self.generator) < self.sample_rate
+            idx = mask.nonzero().flatten()
+            yield tuple(t.index_select(0, idx) for t in tensors)

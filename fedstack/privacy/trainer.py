@@ -1,0 +1,104 @@
+"""`DPTrainer`: the task's `LocalTrainer` with DP-SGD, for `dp=local`.
+
+Why a trainer and not a mod: DP must happen *inside* local training (per-example clipping
+and noise at every step), while secure aggregation and HE wrap the finished update. So DP
+plugs into the seam the task already has (`fedstack.task.training.LocalTrainer`) and stacks
+under any aggregation mod unchanged. Declining is a normal outcome (`declined=reason`), not
+an exception, so the round goes on with the other clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from fedstack.privacy.accountant_state import PrivacyState
+from fedstack.privacy.engine import LocalDP
+from fedstack.privacy.settings import LocalDPSettings
+from fedstack.task.training import TrainOutcome, make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class DPTrainer:
+    """DP-SGD training of one client; `state` carries the accountant between rounds."""
+
+    def __init__(
+        self,
+        task: Any,
+        dp: LocalDPSettings,
+        *,
+        planned_rounds: int,
+        state: PrivacyState | None = None,
+        node_max_epsilon: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.task = task
+        self.dp = dp
+        self.planned_rounds = int(planned_rounds)
+        self.state = state
+        self.node_max_epsilon = node_max_epsilon
+        self.generator = generator
+
+    def session(self, num_examples: int) -> LocalDP:
+        return LocalDP(
+            self.dp,
+            num_examples=num_examples,
+            batch_size=int(self.task.batch_size),
+            local_epochs=int(self.task.local_epochs),
+            planned_rounds=self.planned_rounds,
+            state=self.state,
+            node_max_epsilon=self.node_max_epsilon,
+            generator=self.generator,
+        )
+
+    def train(self, model: nn.Module, data: TensorDataset, server_round: int) -> TrainOutcome:
+        session = self.session(len(data))
+        decision = session.check_budget()
+        if not decision.allowed:
+            log.info("round %s declined: %s", server_round, decision.reason)
+            self.state = session.state
+            return TrainOutcome(
+                num_examples=0,
+                train_loss=float("nan"),
+                metrics=_declined_metrics(session, decision.epsilon_spent),
+                declined=decision.reason,
+            )
+        # The model must keep its architecture (its arrays go back to the server as they
+        # are), so no fix is allowed here and the optimizer is the task's, over its params.
+        private = session.make_private(
+            model, lambda _params: make_optimizer(model, self.task), data,
+            allow_model_fix=False,
+        )
+        loss_sum, seen = 0.0, 0
+        try:
+            for _ in range(session.local_epochs):
+                epoch_loss, epoch_seen = private.train_epoch()
+                loss_sum += epoch_loss
+                seen += epoch_seen
+        finally:
+            private.close()
+        metrics = session.end_round(private, server_round)
+        self.state = session.state
+        log.info(
+            "round %s: DP-SGD %d steps (sigma=%.4g, q=%.4g), epsilon=%.4g delta=%.3g",
+            server_round, private.steps_taken, session.noise_multiplier,
+            session.plan.sample_rate, metrics["epsilon"], metrics["delta"],
+        )
+        return TrainOutcome(
+            num_examples=len(data),
+            train_loss=loss_sum / seen if seen else float("nan"),
+            metrics=metrics,
+        )
+
+
+def _declined_metrics(session: LocalDP, spent: float) -> dict[str, float]:
+    metrics = {"epsilon": spent, "delta": session.delta}
+    if session.max_epsilon is not None and math.isfinite(session.max_epsilon):
+        metrics["epsilon-budget"] = session.max_epsilon
+    return metrics

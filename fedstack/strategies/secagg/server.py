@@ -1,0 +1,263 @@
+"""Server side of one secure-aggregation round: routing, dropout tracking and unmasking.
+
+The server never holds a client's plaintext input. It keeps a running ring sum of the
+masked inputs (not the vectors), then removes the survivors' self masks and the pairwise
+masks left by parties that dropped after sharing. Stages are strictly sequential: once the
+masked-input stage is closed, a late masked input is rejected (accepting it after a
+party's mask key was reconstructed would still not reveal it -- its self mask stays -- but
+it would corrupt the sum).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedstack.crypto.keys import KeyPair, derive_key, pair_key
+from fedstack.crypto.prg import expand
+from fedstack.crypto.quantise import ring_reduce
+from fedstack.crypto.shamir import SECRET_BYTES, ShamirError, reconstruct
+
+from . import graph
+from .client import PURPOSE_MASK, PURPOSE_SELF_MASK
+from .errors import ProtocolViolation, SecAggAbort
+from .messages import (
+    SEED_BYTES,
+    SHARE_CIPHERTEXT_BYTES,
+    STAGE_MASKED,
+    STAGE_SHARE,
+    STAGE_UNMASK,
+    Advert,
+    MaskedInput,
+    MaskRequest,
+    ShareReply,
+    ShareRequest,
+    UnmaskReply,
+    UnmaskRequest,
+    check_share,
+)
+from .params import ProtocolParams
+
+STAGE_DONE = "done"
+
+
+@dataclass
+class ServerRound:
+    """State of one round on the server (lives in the strategy object)."""
+
+    round_num: int
+    params: ProtocolParams
+    vector_len: int  # d + 1 ring words (coordinates + weight)
+    adverts: dict[int, Advert]
+    seed: bytes = field(default_factory=lambda: secrets.token_bytes(SEED_BYTES))
+    stage: str = STAGE_SHARE
+    rejected: dict[int, str] = field(default_factory=dict)  # node -> reason, for the round log
+
+    def __post_init__(self) -> None:
+        keys: set[bytes] = set()
+        for node, adv in self.adverts.items():
+            adv.validate()
+            if adv.node != node or adv.round_num != self.round_num:
+                raise ProtocolViolation(f"advert of node {node} is for node {adv.node}, round {adv.round_num}")
+            if {adv.enc_pk, adv.mask_pk} & keys:
+                raise ProtocolViolation(f"advert of node {node} repeats another party's key")
+            keys |= {adv.enc_pk, adv.mask_pk}
+        self.participants = sorted(self.adverts)
+        n = len(self.participants)
+        try:
+            self.threshold = self.params.round_threshold(n)
+        except ValueError as exc:
+            raise SecAggAbort(self.round_num, STAGE_SHARE, f"{n} participants: {exc}") from exc
+        self.nbrs = graph.neighbours(self.seed, self.round_num, self.participants, self.params.degree(n))
+        self.shared: list[int] = []  # U1
+        self.survivors: list[int] = []  # U2
+        self.dropped: list[int] = []  # U1 \ U2
+        self._cts: dict[int, dict[int, bytes]] = {}
+        self._total = np.zeros(self.vector_len, dtype=self.params.codec.dtype)
+        self._requests: dict[int, UnmaskRequest] = {}
+
+    def _expect_stage(self, stage: str) -> None:
+        if self.stage != stage:
+            raise ProtocolViolation(f"round {self.round_num}: '{stage}' messages are not accepted "
+                                    f"at stage '{self.stage}' (late or replayed)")
+
+    def _reject(self, node: int, reason: str) -> None:
+        self.rejected[node] = reason
+
+    # -- stage 1 -----------------------------------------------------------------------
+    def share_requests(self) -> dict[int, ShareRequest]:
+        self._expect_stage(STAGE_SHARE)
+        out = {}
+        for u in self.participants:
+            hood = [*self.nbrs[u], u]
+            keys = {v: (self.adverts[v].enc_pk, self.adverts[v].mask_pk) for v in hood}
+            out[u] = ShareRequest(self.round_num, self.seed, list(self.participants), keys)
+        return out
+
+    def receive_shares(self, replies: dict[int, ShareReply]) -> dict[int, MaskRequest]:
+        """Close the share stage: fix U1 and route each party the ciphertexts addressed to it."""
+        self._expect_stage(STAGE_SHARE)
+        valid: dict[int, dict[int, bytes]] = {}
+        for node, rep in replies.items():
+            try:
+                valid[node] = self._check_share_reply(node, rep)
+            except ProtocolViolation as exc:
+                self._reject(node, str(exc))
+        u1 = set(valid)
+        # Drop parties whose secrets could not be rebuilt: fewer than t of their
+        # neighbourhood shared. Removing one can starve a neighbour, hence the loop.
+        changed = True
+        while changed:
+            starved = {u for u in u1 if len(set(self.nbrs[u]) & u1) + 1 < self.threshold}
+            changed = bool(starved)
+            u1 -= starved
+        if len(u1) < self.threshold:
+            self.stage = STAGE_DONE
+            raise SecAggAbort(self.round_num, STAGE_SHARE,
+                              f"{len(u1)} parties shared usable keys, below t={self.threshold}")
+        self.shared = sorted(u1)
+        self._cts = {u: valid[u] for u in self.shared}
+        self.stage = STAGE_MASKED
+        return {u: MaskRequest(self.round_num, list(self.shared),
+                               {v: self._cts[v][u] for v in self.nbrs[u] if v in u1})
+                for u in self.shared}
+
+    def _check_share_reply(self, node: int, rep: ShareReply) -> dict[int, bytes]:
+        if node not in self.adverts:
+            raise ProtocolViolation(f"share reply from non-participant {node}")
+        if rep.node != node or rep.round_num != self.round_num:
+            raise ProtocolViolation(f"share reply of {node} claims node {rep.node}, round {rep.round_num}")
+        if sorted(rep.ciphertexts) != self.nbrs[node]:
+            raise ProtocolViolation(f"share reply of {node} is not addressed to exactly its neighbours")
+        for v, ct in rep.ciphertexts.items():
+            if not isinstance(ct, bytes) or len(ct) != SHARE_CIPHERTEXT_BYTES:
+                raise ProtocolViolation(f"share ciphertext {node}->{v} has a wrong size")
+        return dict(rep.ciphertexts)
+
+    # -- stage 2 -----------------------------------------------------------------------
+    def receive_masked(self, replies: dict[int, MaskedInput]) -> dict[int, UnmaskRequest]:
+        """Close the masked-input stage: fix survivors U2, add their vectors, ask for shares."""
+        self._expect_stage(STAGE_MASKED)
+        u2: set[int] = set()
+        codec = self.params.codec
+        for node, rep in replies.items():
+            try:
+                self._check_masked(node, rep)
+            except ProtocolViolation as exc:
+                self._reject(node, str(exc))
+                continue
+            self._total += rep.words  # wraps mod 2^32/2^64 by design
+            u2.add(node)
+        ring_reduce(self._total, codec.bits)
+        self.stage = STAGE_UNMASK  # from here on, late masked inputs are rejected
+        self.survivors = sorted(u2)
+        self.dropped = sorted(set(self.shared) - u2)
+        if len(u2) < self.threshold:
+            self.stage = STAGE_DONE
+            raise SecAggAbort(self.round_num, STAGE_MASKED,
+                              f"{len(u2)} masked inputs arrived, below t={self.threshold}")
+        self._feasible(u2, STAGE_MASKED)
+        self._requests = {
+            u: UnmaskRequest(self.round_num,
+                             sorted((set(self.nbrs[u]) & u2) | {u}),
+                             sorted(set(self.nbrs[u]) & set(self.dropped)))
+            for u in self.survivors}
+        return dict(self._requests)
+
+    def _check_masked(self, node: int, rep: MaskedInput) -> None:
+        if node not in self.shared:
+            raise ProtocolViolation(f"masked input from {node}, which is not in U1")
+        if rep.node != node or rep.round_num != self.round_num:
+            raise ProtocolViolation(f"masked input of {node} claims node {rep.node}, round {rep.round_num}")
+        w = rep.words
+        if not isinstance(w, np.ndarray) or w.dtype != self.params.codec.dtype or w.shape != (self.vector_len,):
+            raise ProtocolViolation(f"masked input of {node} must be {self.params.codec.dtype} of shape "
+                                    f"({self.vector_len},), got {getattr(w, 'dtype', type(w))} "
+                                    f"{getattr(w, 'shape', '')}")
+        bits = self.params.codec.bits
+        if bits not in (32, 64) and (w >> np.asarray(bits, dtype=w.dtype)).any():
+            raise ProtocolViolation(f"masked input of {node} has words outside Z_2^{bits}")
+
+    def _feasible(self, holders_alive: set[int], stage: str) -> None:
+        """Abort unless every secret to rebuild has >= t live holders."""
+        t = self.threshold
+        for u in self.survivors:
+            if len((set(self.nbrs[u]) & holders_alive) | ({u} & holders_alive)) < t:
+                self.stage = STAGE_DONE
+                raise SecAggAbort(self.round_num, stage,
+                                  f"self mask of survivor {u} has fewer than t={t} live share holders "
+                                  f"({len(self.survivors)} survivors of {len(self.shared)})")
+        for u in self.dropped:
+            if set(self.nbrs[u]) & set(self.survivors) and len(set(self.nbrs[u]) & holders_alive) < t:
+                self.stage = STAGE_DONE
+                raise SecAggAbort(self.round_num, stage,
+                                  f"mask key of dropped party {u} has fewer than t={t} live share holders")
+
+    # -- stage 3 -----------------------------------------------------------------------
+    def receive_unmask(self, replies: dict[int, UnmaskReply]) -> np.ndarray:
+        """Rebuild the needed secrets and return the ring sum of the survivors' inputs."""
+        self._expect_stage(STAGE_UNMASK)
+        valid: dict[int, UnmaskReply] = {}
+        for node, rep in replies.items():
+            try:
+                self._check_unmask(node, rep)
+                valid[node] = rep
+            except ProtocolViolation as exc:
+                self._reject(node, str(exc))
+        u3 = set(valid)
+        self._feasible(u3, STAGE_UNMASK)
+        self.stage = STAGE_DONE
+        seeds = self._rebuild({u: sorted((set(self.nbrs[u]) | {u}) & u3) for u in self.survivors},
+                              lambda h, u: valid[h].self_shares[u])
+        keys = self._rebuild({u: sorted(set(self.nbrs[u]) & u3) for u in self.dropped
+                              if set(self.nbrs[u]) & set(self.survivors)},
+                             lambda h, u: valid[h].key_shares[u])
+        codec, prg, r = self.params.codec, self.params.prg, self.round_num
+        total = self._total
+        for u, seed in seeds.items():
+            total -= expand(derive_key(seed, PURPOSE_SELF_MASK, r, (u,)), self.vector_len, codec.dtype, prg)
+        for u, sk in keys.items():
+            pair = KeyPair.from_private(sk)
+            if pair.public != self.adverts[u].mask_pk:
+                raise SecAggAbort(r, STAGE_UNMASK, f"reconstructed mask key of {u} does not match "
+                                  "its advertised public key (inconsistent shares)")
+            for v in set(self.nbrs[u]) & set(self.survivors):
+                stream = expand(pair_key(sk, self.adverts[v].mask_pk, PURPOSE_MASK, r, u, v),
+                                self.vector_len, codec.dtype, prg)
+                if v < u:  # v added +PRG(s_vu); take it back out
+                    total -= stream
+                else:
+                    total += stream
+        return ring_reduce(total, codec.bits)
+
+    def _check_unmask(self, node: int, rep: UnmaskReply) -> None:
+        req = self._requests.get(node)
+        if req is None:
+            raise ProtocolViolation(f"unmask reply from {node}, which was not asked")
+        if rep.node != node or rep.round_num != self.round_num:
+            raise ProtocolViolation(f"unmask reply of {node} claims node {rep.node}, round {rep.round_num}")
+        if sorted(rep.self_shares) != req.reveal_self or sorted(rep.key_shares) != req.reveal_key:
+            raise ProtocolViolation(f"unmask reply of {node} does not answer exactly what was asked")
+        for v, s in [*rep.self_shares.items(), *rep.key_shares.items()]:
+            check_share(s, f"share of {v} from {node}")
+
+    def _rebuild(self, holders: dict[int, list[int]], share_of) -> dict[int, bytes]:
+        """Reconstruct each owner's secret from its first t live holders, batched by holder set."""
+        t = self.threshold
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for owner, hs in holders.items():
+            groups.setdefault(tuple(hs[:t]), []).append(owner)
+        out: dict[int, bytes] = {}
+        index = {v: i + 1 for i, v in enumerate(self.participants)}
+        for hs, owners in groups.items():
+            ys = np.stack([np.stack([share_of(h, u) for h in hs]) for u in owners])
+            try:
+                rec = reconstruct(np.array([index[h] for h in hs]), ys)
+            except ShamirError as exc:
+                raise SecAggAbort(self.round_num, STAGE_UNMASK, f"share reconstruction failed: {exc}") from exc
+            for i, u in enumerate(owners):
+                out[u] = rec[i].tobytes()
+                assert len(out[u]) == SECRET_BYTES
+        return out

@@ -1,0 +1,1 @@
+"""Tasks: datasets, partitioning among clients, models and local training."""

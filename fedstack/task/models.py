@@ -1,0 +1,81 @@
+"""Models of the built-in tasks.
+
+All models avoid BatchNorm so that DP-SGD (per-sample gradients) applies to them unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+
+class DigitsCNN(nn.Module):
+    """Two 3x3 convolutions and a small classifier for 8x8 grayscale digits (~76k parameters)."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        channels, height, width = input_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, 32, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, kernel_size=3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * (height // 2) * (width // 2), 64),
+            nn.ReLU(),
+            nn.Linear(64, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+class TabularMLP(nn.Module):
+    """A two-hidden-layer MLP for standardised tabular features."""
+
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        (in_features,) = input_shape
+        self.net = nn.Sequential(
+            nn.Linear(in_features, 64),
+            nn.ReLU(),
+            nn.Linear(64, 32),
+            nn.ReLU(),
+            nn.Linear(32, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class ImageCNN(DigitsCNN):
+    """The digits CNN for any small grayscale image size (used by `task=hf` image data)."""
+
+
+ModelBuilder = Callable[[tuple[int, ...], int], nn.Module]
+
+#: Model names accepted by `task.model`.
+MODEL_BUILDERS: dict[str, ModelBuilder] = {
+    "digits_cnn": DigitsCNN,
+    "tabular_mlp": TabularMLP,
+    "image_cnn": ImageCNN,
+}
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
+    """Build a model whose initial weights depend only on `seed` (same on every party)."""
+    if name == "auto":
+        name = "image_cnn" if len(input_shape) == 3 else "tabular_mlp"
+    if name not in MODEL_BUILDERS:
+        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODEL_BUILDERS)}")
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return MODEL_BUILDERS[name](tuple(input_shape), num_classes)
+    finally:
+        torch.random.set_rng_state(generator_state)

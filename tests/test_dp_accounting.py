@@ -1,0 +1,136 @@
+"""Honest accounting: ε over R rounds equals Opacus's one-shot ε; it never resets."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import create_accountant
+from torch.utils.data import TensorDataset
+
+from fedstack.privacy.accountant_state import PrivacyState, PrivacyStateError
+from fedstack.privacy.engine import LocalDP
+from fedstack.privacy.settings import LocalDPSettings
+from fedstack.task.models import build_model
+
+N, BATCH, EPOCHS = 60, 16, 2
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(N, 30, generator=g), torch.randint(0, 2, (N,), generator=g))
+
+
+def _settings(accountant: str = "rdp", **kw) -> LocalDPSettings:
+    base = {"noise_multiplier": 1.1, "target_epsilon": None}
+    base.update(kw)
+    return LocalDPSettings(accountant=accountant, **base)
+
+
+def _train_round(state_record: dict | None, server_round: int, accountant: str = "rdp",
+                 planned_rounds: int = 4, **kw) -> tuple[dict, dict]:
+    """One client round from a serialised state, as a fresh process would do it."""
+    state = None if state_record is None else PrivacyState.from_record(
+        json.loads(json.dumps(state_record)))
+    dp = LocalDP(_settings(accountant, **kw), num_examples=N, batch_size=BATCH,
+                 local_epochs=EPOCHS, planned_rounds=planned_rounds, state=state)
+    model = build_model("tabular_mlp", (30,), 2, 0)
+    private = dp.make_private(model, lambda p: torch.optim.SGD(p, lr=0.1), _data())
+    for _ in range(EPOCHS):
+        private.train_epoch()
+    metrics = dp.end_round(private, server_round)
+    return dp.state.to_record(), metrics
+
+
+def _one_shot(accountant: str, sigma: float, q: float, steps: int, delta: float) -> float:
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(sigma, q, steps)]
+    return float(acc.get_epsilon(delta=delta))
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_epsilon_after_rounds_equals_one_shot(accountant: str) -> None:
+    record, epsilons = None, []
+    for rnd in range(1, 4):
+        record, metrics = _train_round(record, rnd, accountant)
+        epsilons.append(metrics["epsilon"])
+    steps_per_round = EPOCHS * math.ceil(N / BATCH)
+    q, delta = 1 / math.ceil(N / BATCH), 1 / (10 * N)
+    assert metrics["delta"] == delta
+    for r, eps in enumerate(epsilons, start=1):
+        assert eps == pytest.approx(_one_shot(accountant, 1.1, q, r * steps_per_round, delta),
+                                    rel=1e-9)
+    assert all(b > a for a, b in zip(epsilons, epsilons[1:], strict=False))  # monotone
+    assert record["steps"] == [3 * steps_per_round] and record["rounds"] == [1, 2, 3]
+
+
+def test_state_survives_a_process_boundary() -> None:
+    # Round 1 runs in a separate Python process; rounds 2-3 continue from its state here.
+    code = (
+        "import json, sys; sys.path.insert(0, 'tests');"
+        "from test_dp_accounting import _train_round;"
+        "rec, m = _train_round(None, 1); print(json.dumps({'rec': rec, 'm': m}))"
+    )
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=120, check=True)
+    first = json.loads(out.stdout.strip().splitlines()[-1])
+    record, m2 = _train_round(first["rec"], 2)
+    record, m3 = _train_round(record, 3)
+    local, _ = _train_round(None, 1)
+    local, l2 = _train_round(local, 2)
+    local, l3 = _train_round(local, 3)
+    assert first["m"]["epsilon"] < m2["epsilon"] < m3["epsilon"]
+    assert m3["epsilon"] == l3["epsilon"]  # same as if one process had run all rounds
+
+
+def test_new_session_without_state_would_reset_but_stored_state_does_not() -> None:
+    record, m1 = _train_round(None, 1)
+    _, fresh = _train_round(None, 2)  # what Flower's Opacus example effectively does
+    _, resumed = _train_round(record, 2)
+    assert fresh["epsilon"] == pytest.approx(m1["epsilon"])
+    assert resumed["epsilon"] > m1["epsilon"] * 1.2
+
+
+def test_sigma_and_delta_fixed_at_first_round() -> None:
+    record, _ = _train_round(None, 1, noise_multiplier=None, target_epsilon=3.0)
+    state = PrivacyState.from_record(record)
+    # A later round with different settings keeps the first round's sigma and delta.
+    dp = LocalDP(_settings(noise_multiplier=5.0, delta=1e-6), num_examples=N,
+                 batch_size=BATCH, local_epochs=EPOCHS, planned_rounds=4, state=state)
+    assert dp.noise_multiplier == state.noise_multiplier and dp.delta == state.delta
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_derived_sigma_lands_at_or_just_under_target(accountant: str) -> None:
+    target, planned = 3.0, 3
+    record, eps = None, []
+    for rnd in range(1, planned + 1):
+        record, metrics = _train_round(record, rnd, accountant, planned_rounds=planned,
+                                       noise_multiplier=None, target_epsilon=target)
+        eps.append(metrics["epsilon"])
+    assert target - 0.05 <= eps[-1] <= target
+    assert eps[0] < eps[-1]
+
+
+def test_damaged_state_is_rejected_not_reset() -> None:
+    record, _ = _train_round(None, 1)
+    for key, value in [("steps", [1, 2]), ("noise_multipliers", ["x"]),
+                       ("sample_rates", [1.5]), ("format", 99), ("mechanism", "gdp"),
+                       ("delta", float("nan"))]:
+        bad = dict(record, **{key: value})
+        with pytest.raises(PrivacyStateError):
+            PrivacyState.from_record(bad)
+
+
+def test_switching_accountant_mid_run_is_refused() -> None:
+    record, _ = _train_round(None, 1, "rdp")
+    with pytest.raises(PrivacyStateError, match="accountant"):
+        _train_round(record, 2, "prv")

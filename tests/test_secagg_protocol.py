@@ -1,0 +1,120 @@
+"""Protocol core with simulated parties: exact survivor sums under dropouts, aborts, pipelining."""
+
+import numpy as np
+import pytest
+
+from fedstack.crypto.quantise import FixedPointCodec, auto_scale
+from fedstack.strategies.secagg.client import ClientState, SecAggClient
+from fedstack.strategies.secagg.errors import SecAggAbort
+from fedstack.strategies.secagg.messages import STAGES
+from fedstack.strategies.secagg.params import ProtocolParams
+from fedstack.strategies.secagg.simulate import SimulatedFederation
+
+CLIP, MAX_CLIENTS, MAX_WEIGHT = 3.0, 64, 1000
+CODEC = FixedPointCodec(32, CLIP, auto_scale(32, CLIP, MAX_CLIENTS, MAX_WEIGHT), MAX_CLIENTS, MAX_WEIGHT)
+D = 40
+
+
+def _inputs(nodes, seed=0, d=D):
+    rng = np.random.default_rng(seed)
+    return {u: (rng.normal(size=d), int(rng.integers(1, MAX_WEIGHT))) for u in nodes}
+
+
+def _exact_sum(inputs, members):
+    """The plaintext ring sum the protocol must reproduce exactly."""
+    total = np.zeros(D + 1, dtype=CODEC.dtype)
+    for u in members:
+        total += CODEC.encode(*inputs[u])
+    return CODEC.decode(total)
+
+
+@pytest.mark.parametrize("graph", ["complete", "sparse"])
+def test_aggregate_equals_weighted_mean_within_bound(graph):
+    params = ProtocolParams(CODEC, graph=graph, neighbours=6 if graph == "sparse" else None, threshold=0.6)
+    nodes = [3, 11, 17, 29, 40, 41, 58, 60, 77, 90, 91, 99]
+    fed = SimulatedFederation(params, nodes)
+    inputs = _inputs(nodes)
+    weighted, weight, server = fed.run_round(1, inputs)
+    ref = sum(w * np.clip(x, -CLIP, CLIP) for x, w in inputs.values()) / sum(w for _, w in inputs.values())
+    assert weight == sum(w for _, w in inputs.values())
+    assert np.abs(weighted / weight - ref).max() <= CODEC.error_bound
+    if graph == "sparse":
+        assert all(len(v) == 6 for v in server.nbrs.values())
+    assert not fed.refusals
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_dropouts_at_every_stage_up_to_n_minus_t(stage):
+    n, t = 8, 5
+    params = ProtocolParams(CODEC, threshold=t)
+    nodes = list(range(100, 100 + n))
+    inputs = _inputs(nodes, seed=1)
+    for drops in range(0, n - t + 2):
+        fed = SimulatedFederation(params, nodes)
+        dropped = set(nodes[1:1 + drops])  # spread over low and high ids: both mask signs
+        if drops > n - t:
+            with pytest.raises(SecAggAbort, match="aborted"):
+                fed.run_round(1, inputs, drop={stage: dropped})
+            continue
+        weighted, weight, _ = fed.run_round(1, inputs, drop={stage: dropped})
+        # unmask-stage dropouts still contributed their masked input
+        members = nodes if stage == "unmask" else [u for u in nodes if u not in dropped]
+        ref_w, ref_n = _exact_sum(inputs, members)
+        assert weight == ref_n
+        assert np.array_equal(weighted, ref_w)
+
+
+def test_sparse_graph_dropouts_give_exact_sum_or_clean_abort():
+    params = ProtocolParams(CODEC, graph="sparse", neighbours=6, threshold=0.6)  # t = 5 of 7
+    nodes = list(range(1, 21))
+    inputs = _inputs(nodes, seed=2)
+    rng = np.random.default_rng(5)
+    outcomes = set()
+    for trial in range(8):
+        drop = {s: set(rng.choice(nodes, size=int(rng.integers(0, 3)), replace=False).tolist()) for s in STAGES}
+        fed = SimulatedFederation(params, nodes)
+        try:
+            weighted, weight, server = fed.run_round(trial + 1, inputs, drop=drop)
+        except SecAggAbort:
+            outcomes.add("abort")
+            continue
+        outcomes.add("ok")
+        ref_w, ref_n = _exact_sum(inputs, server.survivors)
+        assert weight == ref_n and np.array_equal(weighted, ref_w)
+    assert "ok" in outcomes
+
+
+def test_pipelined_rounds_and_serialised_state():
+    """Keys for round r+1 are advertised during round r (before its unmask) and both complete."""
+    params = ProtocolParams(CODEC, threshold=0.6)
+    nodes = [5, 6, 7, 8, 9]
+    fed = SimulatedFederation(params, nodes)
+    adverts = fed.advertise(1, nodes)
+    for r in (1, 2, 3):
+        inputs = _inputs(nodes, seed=r)
+        # advertise r+1 while round r's record is still open (as the masked-input reply does)
+        weighted, weight, _ = fed.run_round(r, inputs, adverts=adverts)
+        next_adverts = fed.advertise(r + 1, nodes)
+        ref_w, ref_n = _exact_sum(inputs, nodes)
+        assert weight == ref_n and np.array_equal(weighted, ref_w)
+        assert all(next_adverts[u].mask_pk != adverts[u].mask_pk for u in nodes)
+        adverts = next_adverts
+    state = ClientState.from_bytes(fed.states[5])
+    assert list(state.rounds) == ["4"] and state.closed_through == 3
+    assert ClientState.from_bytes(state.to_bytes()) == state
+
+
+def test_abort_below_threshold_at_start():
+    params = ProtocolParams(CODEC, threshold=4)
+    fed = SimulatedFederation(params, [1, 2, 3])
+    with pytest.raises(SecAggAbort, match="3 participants"):
+        fed.run_round(1, _inputs([1, 2, 3]))
+
+
+def test_client_never_advertises_twice_for_a_round():
+    client = SecAggClient(ProtocolParams(CODEC), ClientState(node=1))
+    client.advertise(2)
+    with pytest.raises(ValueError, match="already"):
+        client.advertise(2)
+    with pytest.raises(ValueError, match="already"):
+        client.advertise(0)  # rounds before an open one are closed
