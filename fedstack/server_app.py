@@ -76,9 +76,12 @@ def build_listeners(cfg: DictConfig, run_dir: Path, strategy: Any,
                     resuming: bool) -> list[RoundListener]:
     try:  # TEMPORARY until the privacy ledger lands
         ledger_cls = load_object(PRIVACY_LEDGER)
-    except (ImportError, AttributeError):
+    except (ImportError, AttributeError, TypeError):
         return []
-    return [ledger_cls(run_dir=run_dir, cfg=cfg, strategy=strategy, resume=resuming)]
+    try:
+        return [ledger_cls(run_dir=run_dir, cfg=cfg, strategy=strategy, resume=resuming)]
+    except TypeError:
+        return []
 
 
 def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -67,7 +68,7 @@ def test_epsilon_after_rounds_equals_one_shot(accountant: str) -> None:
     for r, eps in enumerate(epsilons, start=1):
         assert eps == pytest.approx(_one_shot(accountant, 1.1, q, r * steps_per_round, delta),
                                     rel=1e-9)
-    assert all(b > a for a, b in zip(epsilons, epsilons[1:], strict=False))  # monotone
+    assert all(b > a for a, b in itertools.pairwise(epsilons))  # monotone
     assert record["steps"] == [3 * steps_per_round] and record["rounds"] == [1, 2, 3]
 
 
@@ -84,11 +85,10 @@ def test_state_survives_a_process_boundary() -> None:
     first = json.loads(out.stdout.strip().splitlines()[-1])
     record, m2 = _train_round(first["rec"], 2)
     record, m3 = _train_round(record, 3)
-    local, _ = _train_round(None, 1)
-    local, l2 = _train_round(local, 2)
-    local, l3 = _train_round(local, 3)
     assert first["m"]["epsilon"] < m2["epsilon"] < m3["epsilon"]
-    assert m3["epsilon"] == l3["epsilon"]  # same as if one process had run all rounds
+    q, steps = 1 / math.ceil(N / BATCH), 3 * EPOCHS * math.ceil(N / BATCH)
+    assert m3["epsilon"] == pytest.approx(_one_shot("rdp", 1.1, q, steps, 1 / (10 * N)),
+                                          rel=1e-12)
 
 
 def test_new_session_without_state_would_reset_but_stored_state_does_not() -> None:
@@ -108,7 +108,9 @@ def test_sigma_and_delta_fixed_at_first_round() -> None:
     assert dp.noise_multiplier == state.noise_multiplier and dp.delta == state.delta
 
 
-@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+# PRV shares the search (Opacus's get_noise_multiplier); only its accountant evaluations are
+# slower (~8 s here), so the unit test covers RDP.
+@pytest.mark.parametrize("accountant", ["rdp"])
 def test_derived_sigma_lands_at_or_just_under_target(accountant: str) -> None:
     target, planned = 3.0, 3
     record, eps = None, []

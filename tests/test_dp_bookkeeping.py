@@ -11,6 +11,8 @@ from fedstack.privacy import bookkeeping
 from fedstack.privacy.bookkeeping import BookKeepingClipper, UnsupportedLayerError
 from fedstack.task.models import build_model
 
+_CE = nn.CrossEntropyLoss(reduction="none")
+
 
 def _opacus_clipped_sum(model: nn.Module, x, y, clip: float):
     """Reference: Opacus per-sample gradients, Opacus's clip factor, summed."""
@@ -104,7 +106,7 @@ def test_frozen_parameters_get_no_gradient() -> None:
     model = build_model("tabular_mlp", (30,), 2, 0)
     model.net[0].weight.requires_grad_(False)
     x, y = torch.randn(8, 30), torch.randint(0, 2, (8,))
-    norms, grads = _bk_clipped_sum(model, x, y, 1.0)
+    _, grads = _bk_clipped_sum(model, x, y, 1.0)
     assert model.net[0].weight.grad is None
     assert model.net[0].bias.grad is not None and len(grads) == 5
 
@@ -121,7 +123,7 @@ def test_inplace_activation_detected() -> None:
     with clipper.recording():
         out = model(torch.randn(3, 4))
     with pytest.raises(UnsupportedLayerError, match="in place"):
-        clipper.clipped_backward(nn.CrossEntropyLoss(reduction="none")(out, torch.tensor([0, 1, 0])))
+        clipper.clipped_backward(_CE(out, torch.tensor([0, 1, 0])))
 
 
 def test_layer_outside_recording_is_an_error() -> None:
@@ -129,4 +131,4 @@ def test_layer_outside_recording_is_an_error() -> None:
     clipper = BookKeepingClipper(model, 1.0)
     out = model(torch.randn(3, 4))  # not recorded: its gradient would escape clipping
     with pytest.raises(RuntimeError, match="recording"):
-        clipper.clipped_backward(nn.CrossEntropyLoss(reduction="none")(out, torch.tensor([0, 1, 0])))
+        clipper.clipped_backward(_CE(out, torch.tensor([0, 1, 0])))

@@ -160,7 +160,7 @@ def test_fix_refused_when_architecture_must_stay() -> None:
 
 
 def test_delta_must_be_below_one_over_n() -> None:
-    with pytest.raises(ValueError, match="dp.delta"):
+    with pytest.raises(ValueError, match=r"dp\.delta"):
         LocalDP(_settings("bk", 1.0, delta=0.05), num_examples=N, batch_size=BATCH,
                 local_epochs=1, planned_rounds=1)
     dp = LocalDP(_settings("bk", 1.0), num_examples=N, batch_size=BATCH, local_epochs=1,

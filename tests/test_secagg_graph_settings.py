@@ -70,6 +70,6 @@ def test_invalid_settings_name_the_key(override, key):
 
 def test_auto_weight_needs_max_num_examples():
     with pytest.raises(ValueError, match="max_num_examples"):
-        SecAggSettings().validate({"num_clients": 5})
+        SecAggSettings(max_weight=0).validate({"num_clients": 5})
     codec = SecAggSettings(max_weight=500).protocol({}).codec
     assert codec.max_weight == 500 and codec.error_bound <= 1e-3

@@ -17,9 +17,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from typing import Any
 
-from opacus.accountants import IAccountant, create_accountant
+import numpy as np
+from opacus.accountants import IAccountant, RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as privacy_analysis
 
 from fedstack.privacy.settings import ACCOUNTANTS
 
@@ -69,9 +72,11 @@ class PrivacyState:
         return acc
 
     def epsilon(self, delta: float) -> float:
-        """ε spent so far at δ (0 before any step)."""
+        """ε spent so far at δ (0 before any step); Opacus's number, bit for bit."""
         if not self.history:
             return 0.0
+        if self.mechanism == "rdp":
+            return _rdp_epsilon(self.history, delta)
         return float(self.accountant().get_epsilon(delta=delta))
 
     def with_steps(self, noise_multiplier: float, sample_rate: float, steps: int) -> PrivacyState:
@@ -151,6 +156,29 @@ class PrivacyState:
             rounds=tuple(rounds),
             epsilons=tuple(epsilons),
         )
+
+
+@lru_cache(maxsize=256)
+def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    # RDP composes linearly in the number of steps and Opacus computes `rdp(1 step) * steps`,
+    # so caching the one-step vector per (q, sigma) changes no bit of the result while
+    # turning every budget check after the first into a cheap multiply (the fractional
+    # orders cost ~0.4 s per evaluation here).
+    rdp = privacy_analysis.compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+        orders=RDPAccountant.DEFAULT_ALPHAS,
+    )
+    rdp.setflags(write=False)
+    return rdp
+
+
+def _rdp_epsilon(history: tuple[HistoryEntry, ...], delta: float) -> float:
+    """What `RDPAccountant.get_epsilon(delta)` returns for `history`, same operation order."""
+    rdp = sum(_rdp_per_step(q, sigma) * steps for sigma, q, steps in history)
+    eps, _ = privacy_analysis.get_privacy_spent(
+        orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta
+    )
+    return float(eps)
 
 
 def _history_of(acc: IAccountant) -> tuple[HistoryEntry, ...]:

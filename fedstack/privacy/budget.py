@@ -17,6 +17,10 @@ from fedstack.privacy.accountant_state import PrivacyState
 
 log = logging.getLogger(__name__)
 
+#: Start of the decline reason a client gives when its budget is spent; the server's
+#: ledger counts such clients as exhausted (other declines are not).
+BUDGET_EXHAUSTED_PREFIX = "privacy budget exhausted"
+
 
 @dataclass(frozen=True)
 class BudgetDecision:
@@ -74,7 +78,7 @@ def check_round(
             epsilon_after=after,
             max_epsilon=max_epsilon,
             reason=(
-                f"privacy budget exhausted: epsilon would reach {after:.4g} after this round "
+                f"{BUDGET_EXHAUSTED_PREFIX}: epsilon would reach {after:.4g} after this round "
                 f"(spent {spent:.4g}, budget {max_epsilon:.4g}, delta {delta:.3g})"
             ),
         )

@@ -52,7 +52,7 @@ from fedstack.strategies.round_log import RoundLog, payload_bytes
 from fedstack.log import logger as log
 
 #: Elements per step of the chunked weighted sum (bounds the float64 running buffer).
-AGGREGATION_CHUNK = 1 << 16
+AGGREGATION_CHUNK = 1 << 14
 #: Seconds between checks while waiting for enough nodes to connect.
 NODE_POLL_SECONDS = 1.0
 #: Metric keys averaged (weighted by num-examples) over train / evaluate replies.
@@ -85,10 +85,15 @@ def weighted_mean(spec: ArraySpec, replies: list[ValidReply]) -> ArrayRecord:
         dtype = np.dtype(dtype_name)
         flats = [np.ravel(r.views[i], order="C") for r in replies]
         size = flats[0].size if flats else 0
-        buffer = io.BytesIO()
-        np.lib.format.write_array_header_1_0(buffer, {
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {
             "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
             "shape": tuple(shape)})
+        # The .npy bytes are assembled in one exact-size buffer: no growth, no per-reply copy.
+        head = header.getvalue()
+        payload = bytearray(len(head) + size * dtype.itemsize)
+        payload[:len(head)] = head
+        target = np.frombuffer(payload, dtype=dtype, count=size, offset=len(head))
         for start in range(0, size, AGGREGATION_CHUNK):
             stop = min(size, start + AGGREGATION_CHUNK)
             part, tmp = acc[:stop - start], scratch[:stop - start]
@@ -99,9 +104,11 @@ def weighted_mean(spec: ArraySpec, replies: list[ValidReply]) -> ArrayRecord:
             part /= total
             if dtype.kind in "iu":
                 np.rint(part, out=part)
-            buffer.write(part.astype(dtype, copy=False).tobytes())
+            target[start:stop] = part
+        del target
         out[name] = Array(dtype=str(dtype), shape=tuple(shape), stype=NUMPY_STYPE,
-                          data=buffer.getvalue())
+                          data=bytes(payload))
+        del payload
     return out
 
 

@@ -174,6 +174,15 @@ def largest_slot_value(max_clients: int, max_weight: float, max_abs_value: float
     return max_clients * max_weight * max(max_abs_value, 1.0)
 
 
+def max_safe_scale_bits(
+    *, data_prime: int, max_clients: int, max_weight: float, max_abs_value: float
+) -> int:
+    """The largest log2(scale) at which the sum over the bounds cannot wrap around."""
+    slot_max = largest_slot_value(max_clients, max_weight, max_abs_value)
+    coeff_noise = max_clients * (6.0 * NOISE_STDDEV + 1.0)
+    return math.floor(math.log2((data_prime / 2.0 - coeff_noise) / (slot_max * OVERFLOW_MARGIN)))
+
+
 def check_capacity(
     preset: CKKSPreset,
     *,
@@ -196,7 +205,12 @@ def check_capacity(
     # Coefficient noise of a sum is tiny next to scale * slot_max; bound it generously anyway.
     coeff_noise = max_clients * (6.0 * NOISE_STDDEV + 1.0)
     needed = scale * slot_max * OVERFLOW_MARGIN + coeff_noise
-    max_scale_bits = math.floor(math.log2((half_q - coeff_noise) / (slot_max * OVERFLOW_MARGIN)))
+    max_scale_bits = max_safe_scale_bits(
+        data_prime=data_prime,
+        max_clients=max_clients,
+        max_weight=max_weight,
+        max_abs_value=max_abs_value,
+    )
     if needed >= half_q:
         raise ValueError(
             f"CKKS overflow: {max_clients} clients x weight {max_weight:g} x |value| "

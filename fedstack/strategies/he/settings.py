@@ -18,6 +18,7 @@ from fedstack.strategies.he.presets import (
     CKKSPreset,
     check_capacity,
     get_preset,
+    max_safe_scale_bits,
 )
 
 AUTO = 0
@@ -82,8 +83,12 @@ class HESettings:
         }
         try:
             if self.scale_bits == AUTO:
-                probe = check_capacity(preset, scale_bits=MIN_SCALE_BITS, **common)
-                bits = min(probe.max_scale_bits, AUTO_SCALE_CAP_BITS)
+                bits = min(max_safe_scale_bits(**common), AUTO_SCALE_CAP_BITS)
+                if bits < MIN_SCALE_BITS:
+                    raise ValueError(
+                        f"no safe scale >= 2^{MIN_SCALE_BITS} for preset {preset.name!r} "
+                        f"(largest: 2^{bits})"
+                    )
             else:
                 bits = int(self.scale_bits)
             return check_capacity(preset, scale_bits=bits, **common)

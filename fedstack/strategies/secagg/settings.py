@@ -42,8 +42,8 @@ class SecAggSettings:
     bits: int = 32
     clip: float = 4.0
     scale: float = AUTO
-    max_clients: int = 100
-    max_weight: int = AUTO
+    max_clients: int = 50
+    max_weight: int = 5000
     max_quant_error: float = 0.001
     prg: str = "aes"
     stage_timeout: float = 120.0

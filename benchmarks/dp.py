@@ -1,0 +1,232 @@
+"""DP-SGD benchmarks: speed of each per-sample clipping mode, and privacy vs utility.
+
+Part 1 (default, `--speed`): per-epoch training time of the digits CNN and the breast-cancer
+MLP on the task's whole training split, with the task's batch size: no DP vs every Opacus
+grad-sample mode vs our book-keeping clipper (`bk`). All modes run side by side in one
+process, interleaved (round-robin over modes, repeated), and report the median; ratios are
+against the no-DP loop over the *same* in-memory batches, so they measure the cost of DP and
+nothing else. The lead's plain trainer (a torch DataLoader) is timed too, for reference.
+
+Part 2 (`--utility`): privacy-utility sweep through `fedstack run -m` (Hydra multirun) over
+ε ∈ {1, 2, 4, 8, ∞} on digits with 5 clients, IID and Dirichlet(0.5) partitions; final
+central test accuracy per (ε, partition), a table and a PNG plot.
+
+Results: benchmarks/results/dp.json (each part updates its own key), dp_utility.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from fedstack.privacy.engine import LocalDP  # noqa: E402
+from fedstack.privacy.settings import GRAD_SAMPLE_MODES, LocalDPSettings  # noqa: E402
+from fedstack.task.datasets import load_breast_cancer_task, load_digits_task  # noqa: E402
+from fedstack.task.models import build_model  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results"
+RESULT_FILE = RESULTS / "dp.json"
+PLOT_FILE = RESULTS / "dp_utility.png"
+DEFAULT_MODE = LocalDPSettings().grad_sample_mode
+OPACUS_MODES = [m for m in GRAD_SAMPLE_MODES if m != "bk"]
+#: The (task, model, batch size) pairs of part 1: the tasks' shipped configs.
+SPEED_CASES = {
+    "digits_cnn": ("digits", "digits_cnn", 32),
+    "tabular_mlp": ("breast_cancer", "tabular_mlp", 16),
+}
+SWEEP_EPSILONS = ["1", "2", "4", "8", "inf"]
+SWEEP_PARTITIONS = ["iid", "dirichlet"]
+
+
+# ------------------------------------------------------------------------- part 1: speed
+def _task_data(task: str) -> TensorDataset:
+    data = load_digits_task(0.2, 42) if task == "digits" else load_breast_cancer_task(0.2, 42)
+    return TensorDataset(torch.from_numpy(data.x_train), torch.from_numpy(data.y_train))
+
+
+class _PlainRunner:
+    """Non-private SGD over shuffled in-memory batches (the baseline of every ratio)."""
+
+    def __init__(self, model: nn.Module, data: TensorDataset, batch: int) -> None:
+        self.model, self.data, self.batch = model, data, batch
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        self.crit = nn.CrossEntropyLoss()
+
+    def epoch(self) -> None:
+        x, y = self.data.tensors
+        perm = torch.randperm(len(y))
+        for start in range(0, len(y), self.batch):
+            idx = perm[start:start + self.batch]
+            self.opt.zero_grad(set_to_none=True)
+            self.crit(self.model(x[idx]), y[idx]).backward()
+            self.opt.step()
+
+
+class _DataLoaderRunner(_PlainRunner):
+    """The lead's plain trainer loop: torch DataLoader over the TensorDataset."""
+
+    def epoch(self) -> None:
+        for xb, yb in DataLoader(self.data, batch_size=self.batch, shuffle=True):
+            self.opt.zero_grad(set_to_none=True)
+            self.crit(self.model(xb), yb).backward()
+            self.opt.step()
+
+
+class _DPRunner:
+    def __init__(self, model: nn.Module, data: TensorDataset, batch: int, mode: str,
+                 epochs: int) -> None:
+        settings = LocalDPSettings(grad_sample_mode=mode, noise_multiplier=1.0,
+                                   target_epsilon=None)
+        self.dp = LocalDP(settings, num_examples=len(data), batch_size=batch,
+                          local_epochs=epochs, planned_rounds=1)
+        start = time.perf_counter()
+        self.private = self.dp.make_private(
+            model, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), data)
+        self.setup_s = time.perf_counter() - start
+
+    def epoch(self) -> None:
+        self.private.train_epoch()
+
+
+def bench_speed(reps: int, warmup: int) -> dict[str, Any]:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    out: dict[str, Any] = {}
+    for case, (task, model_name, batch) in SPEED_CASES.items():
+        data = _task_data(task)
+        shape, classes = tuple(data.tensors[0].shape[1:]), int(data.tensors[1].max()) + 1
+
+        def fresh(name: str = model_name, shape: tuple = shape, k: int = classes) -> nn.Module:
+            return build_model(name, shape, k, 0)
+
+        runners: dict[str, Any] = {
+            "no_dp": _PlainRunner(fresh(), data, batch),
+            "no_dp_dataloader": _DataLoaderRunner(fresh(), data, batch),
+        }
+        for mode in [*OPACUS_MODES, "bk"]:
+            runners[mode] = _DPRunner(fresh(), data, batch, mode, reps + warmup)
+        times: dict[str, list[float]] = {name: [] for name in runners}
+        for rep in range(reps + warmup):
+            order = list(runners) if rep % 2 == 0 else list(reversed(runners))
+            for name in order:
+                start = time.perf_counter()
+                runners[name].epoch()
+                if rep >= warmup:
+                    times[name].append(time.perf_counter() - start)
+        base = statistics.median(times["no_dp"])
+        modes = {}
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            modes[name] = {
+                "epoch_s_median": med,
+                "epoch_s_min": min(ts),
+                "ratio_vs_no_dp": med / base,
+            }
+            if isinstance(runners[name], _DPRunner):
+                modes[name]["setup_s"] = runners[name].setup_s
+        fastest_opacus = min(OPACUS_MODES, key=lambda m: modes[m]["epoch_s_median"])
+        out[case] = {
+            "task": task, "batch_size": batch, "num_examples": len(data),
+            "params": sum(p.numel() for p in fresh().parameters()),
+            "steps_per_epoch": math.ceil(len(data) / batch),
+            "modes": modes,
+            "fastest_opacus_mode": fastest_opacus,
+            "fastest_correct_mode": min([*OPACUS_MODES, "bk"],
+                                        key=lambda m: modes[m]["epoch_s_median"]),
+        }
+    return out
+
+
+def print_speed(result: dict[str, Any]) -> None:
+    for case, r in result.items():
+        print(f"\n{case}: {r['num_examples']} examples, batch {r['batch_size']}, "
+              f"{r['params']} params (median epoch time of {r['steps_per_epoch']} steps)")
+        print(f"  {'mode':<18}{'epoch ms':>10}{'x no-DP':>9}{'setup ms':>10}")
+        for name, m in r["modes"].items():
+            setup = f"{m['setup_s'] * 1e3:10.1f}" if "setup_s" in m else " " * 10
+            print(f"  {name:<18}{m['epoch_s_median'] * 1e3:10.1f}"
+                  f"{m['ratio_vs_no_dp']:9.2f}{setup}")
+        print(f"  fastest Opacus mode: {r['fastest_opacus_mode']}; "
+              f"fastest overall: {r['fastest_correct_mode']}")
+
+
+# ------------------------------------------------------------------------ part 2: utility
+def _sweep(partition: str, rounds: int, out_base: Path, quick: bool) -> list[dict[str, Any]]:
+    """One `fedstack run -m` over the ε grid for one partition; read each run's summary."""
+    sweep_dir = out_base / f"sweep-{partition}"
+    eps_values = ",".join(SWEEP_EPSILONS if not quick else ["1", "8", "inf"])
+    cmd = [
+        sys.executable, "-m", "fedstack", "run", "-m",
+        "task=digits", "num_clients=5", f"num_rounds={rounds}", f"partition={partition}",
+        f"+bench_epsilon={eps_values}", f"output_dir={sweep_dir}",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    subprocess.run(cmd, cwd=REPO, env=env, check=True)
+    return _collect(sweep_dir, partition)
+
+
+def _collect(sweep_dir: Path, partition: str) -> list[dict[str, Any]]:
+    rows = []
+    for summary_path in sorted(sweep_dir.rglob("summary.json")):
+        summary = json.loads(summary_path.read_text())
+        rows.append({"partition": partition, "run_dir": str(summary_path.parent),
+                     **summary})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions / runs")
+    parser.add_argument("--speed", action="store_true", help="part 1 only")
+    parser.add_argument("--utility", action="store_true", help="part 2 only")
+    args = parser.parse_args()
+    do_speed = args.speed or not args.utility
+    do_utility = args.utility
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = json.loads(RESULT_FILE.read_text()) if RESULT_FILE.exists() else {}
+    result["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count(),
+                         "torch_threads": torch.get_num_threads(),
+                         "torch": torch.__version__}
+    if do_speed:
+        reps, warmup = (5, 1) if args.quick else (15, 2)
+        speed = bench_speed(reps, warmup)
+        print_speed(speed)
+        result["speed"] = {"reps": reps, "warmup": warmup, "cases": speed}
+        result["default_mode"] = DEFAULT_MODE
+        result["opacus_overhead_ratio"] = {
+            case: r["modes"][DEFAULT_MODE]["ratio_vs_no_dp"] for case, r in speed.items()
+        }
+        result["best_opacus_mode_ratio"] = {
+            case: r["modes"][r["fastest_opacus_mode"]]["ratio_vs_no_dp"]
+            for case, r in speed.items()
+        }
+        print(f"\nopacus_overhead_ratio (default mode {DEFAULT_MODE!r}): "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in result["opacus_overhead_ratio"].items()))
+    if do_utility:
+        from benchmarks_dp_utility import run_utility  # type: ignore[import-not-found]
+
+        result["utility"] = run_utility(args.quick)
+    RESULT_FILE.write_text(json.dumps(result, indent=2))
+    print(f"wrote {RESULT_FILE}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""A Flower `Grid` that delivers messages to ClientApps in this process, for fast tests.
+
+It runs the real ClientApp (mods and handlers) with a per-node `Context` whose state persists
+across messages, like a SuperNode's. Tests can drop nodes (`offline`), fail or tamper with
+replies (`reply_hook`) to exercise the strategies' validation and dropout paths without Ray.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable
+
+from flwr.app import Context, Message, RecordDict
+from flwr.app.message.message import make_message
+from flwr.app.metadata import Metadata
+from flwr.serverapp import Grid
+from flwr.supercore.task_identity import TaskIdentity
+
+RUN_ID = 1
+SERVER_NODE_ID = 0
+DEFAULT_TTL = 3600.0
+
+ReplyHook = Callable[[int, Message, Message], Message | None]
+
+
+class InProcessGrid(Grid):
+    """Delivers every message synchronously to `client_app(message, context)`."""
+
+    def __init__(self, client_app: Callable[[Message, Context], Message], num_nodes: int,
+                 node_config: Callable[[int], dict] | None = None,
+                 first_node_id: int = 101) -> None:
+        # Messages created by a ServerApp take their run/task identity from the process.
+        TaskIdentity.run_id = RUN_ID
+        TaskIdentity.node_id = SERVER_NODE_ID
+        TaskIdentity.task_id = 1
+        self.client_app = client_app
+        self.node_ids = [first_node_id + i for i in range(num_nodes)]
+        self.contexts = {
+            node: Context(run_id=RUN_ID, node_id=node,
+                          node_config=(node_config(i) if node_config else
+                                       {"partition-id": i, "num-partitions": num_nodes}),
+                          state=RecordDict(), run_config={})
+            for i, node in enumerate(self.node_ids)
+        }
+        #: Nodes that receive nothing and send nothing (dropped out).
+        self.offline: set[int] = set()
+        #: (node, request, reply) -> replacement reply, or None to drop it.
+        self.reply_hook: ReplyHook | None = None
+        self.sent: list[Message] = []
+
+    # The abstract Grid API -------------------------------------------------------------
+    def set_run(self, run_id: int) -> None:  # pragma: no cover - not used in tests
+        pass
+
+    @property
+    def run(self):  # pragma: no cover - not used in tests
+        raise NotImplementedError
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
+                       group_id: str, ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type,
+                       group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [n for n in self.node_ids if n not in self.offline]
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError("use send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError("use send_and_receive")
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            stamped = make_message(Metadata(
+                run_id=RUN_ID, message_id=uuid.uuid4().hex, src_node_id=SERVER_NODE_ID,
+                dst_node_id=node, reply_to_message_id="", group_id=msg.metadata.group_id,
+                created_at=time.time(), ttl=DEFAULT_TTL,
+                message_type=msg.metadata.message_type), content=msg.content)
+            self.sent.append(stamped)
+            if node in self.offline or node not in self.contexts:
+                continue
+            reply = self.client_app(stamped, self.contexts[node])
+            if self.reply_hook is not None:
+                reply = self.reply_hook(node, stamped, reply)
+            if reply is not None:
+                replies.append(reply)
+        return replies

@@ -1,0 +1,79 @@
+"""`task=hf` through flwr-datasets on local csv / parquet / image files written by the test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedstack.config import ConfigError, compose_config
+from fedstack.task.client_data import load_client_data
+from fedstack.task.datasets import load_task_data
+
+
+def _tabular_frame(n: int = 300, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 4))
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(int)
+    frame = pd.DataFrame(x, columns=["a", "b", "c", "d"])
+    frame["note"] = ["text"] * n  # non-numeric column: must be ignored by default
+    frame["label"] = y
+    return frame
+
+
+@pytest.mark.parametrize("fmt", ["csv", "parquet"])
+def test_local_tabular_files(tmp_path: Path, fmt: str) -> None:
+    frame = _tabular_frame()
+    path = tmp_path / f"data.{fmt}"
+    frame.to_csv(path, index=False) if fmt == "csv" else frame.to_parquet(path, index=False)
+    cfg = compose_config(["task=hf", f"task.dataset={fmt}", f"task.data_files={path}",
+                          "partition=iid", "num_clients=3", "min_train_nodes=2"])
+    data = load_task_data(cfg.task, cfg.seed)
+    assert data.input_shape == (4,) and data.num_classes == 2
+    assert len(data.y_train) + len(data.y_test) == len(frame)
+    sizes = [len(load_client_data(cfg, i, 3).train) + len(load_client_data(cfg, i, 3).y_val)
+             for i in range(3)]
+    assert sum(sizes) == len(data.y_train)
+
+
+def test_selected_feature_columns_and_string_labels(tmp_path: Path) -> None:
+    frame = _tabular_frame()
+    frame["label"] = np.where(frame["label"] == 1, "sick", "healthy")
+    path = tmp_path / "data.csv"
+    frame.to_csv(path, index=False)
+    cfg = compose_config(["task=hf", "task.dataset=csv", f"task.data_files={path}",
+                          "task.feature_columns=[a,b]", "partition=iid"])
+    data = load_task_data(cfg.task, cfg.seed)
+    assert data.input_shape == (2,) and set(np.unique(data.y_train)) == {0, 1}
+
+
+def test_local_image_folder(tmp_path: Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in ("cats", "dogs"):
+        (tmp_path / "train" / label).mkdir(parents=True)
+        for i in range(30):
+            pixels = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "train" / label / f"{i}.png")
+    cfg = compose_config(["task=hf", "task.dataset=imagefolder",
+                          f"task.data_files={tmp_path}/train/**", "task.image_column=image",
+                          "task.image_size=8", "partition=iid", "num_clients=2"])
+    data = load_task_data(cfg.task, cfg.seed)
+    assert data.input_shape == (1, 8, 8) and data.num_classes == 2
+    assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
+
+
+def test_missing_label_column_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    _tabular_frame().rename(columns={"label": "y"}).to_csv(path, index=False)
+    cfg = compose_config(["task=hf", "task.dataset=csv", f"task.data_files={path}"])
+    with pytest.raises(ValueError, match="label_column"):
+        load_task_data(cfg.task, cfg.seed)
+
+
+def test_hf_needs_a_dataset() -> None:
+    with pytest.raises(ConfigError, match="task.dataset"):
+        compose_config(["task=hf"])
