@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -99,7 +100,5 @@ def _stop_local_superlink(home: Path) -> None:
     found = subprocess.run(["pgrep", "-f", f"{home}/local-superlink"], capture_output=True,
                            text=True)
     for pid in found.stdout.split():
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(int(pid), signal.SIGTERM)
-        except ProcessLookupError:
-            pass

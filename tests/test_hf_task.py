@@ -63,7 +63,7 @@ def test_local_image_folder(tmp_path: Path) -> None:
                           "task.image_size=8", "partition=iid", "num_clients=2"])
     data = load_task_data(cfg.task, cfg.seed)
     assert data.input_shape == (1, 8, 8) and data.num_classes == 2
-    assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
+    assert data.x_train.min() >= 0.0 and data.x_train.max() <= 1.0
 
 
 def test_missing_label_column_is_a_clear_error(tmp_path: Path) -> None:
@@ -75,5 +75,5 @@ def test_missing_label_column_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_hf_needs_a_dataset() -> None:
-    with pytest.raises(ConfigError, match="task.dataset"):
+    with pytest.raises(ConfigError, match=r"task\.dataset"):
         compose_config(["task=hf"])

@@ -65,7 +65,7 @@ def test_same_seed_same_result(tmp_path: Path) -> None:
         run_server(InProcessGrid(client_app, 3), cfg)
         _, path = latest_checkpoint(tmp_path / name)
         results.append(load_checkpoint(path))
-    for key in results[0].keys():
+    for key in results[0]:
         np.testing.assert_array_equal(results[0][key].numpy(), results[1][key].numpy())
 
 

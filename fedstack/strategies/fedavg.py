@@ -37,6 +37,7 @@ from flwr.app import (
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
+from fedstack.log import logger as log
 from fedstack.strategies.reply_validation import (
     NUM_EXAMPLES_KEY,
     NUMPY_STYPE,
@@ -48,8 +49,6 @@ from fedstack.strategies.reply_validation import (
     metrics_of,
 )
 from fedstack.strategies.round_log import RoundLog, payload_bytes
-
-from fedstack.log import logger as log
 
 #: Elements per step of the chunked weighted sum (bounds the float64 running buffer).
 AGGREGATION_CHUNK = 1 << 14
@@ -74,23 +73,44 @@ class ValidReply:
     metrics: dict[str, float]
 
 
+class NonFiniteReplies(Exception):
+    """The weighted sum met NaN/inf: the replies (indices) whose arrays carry them."""
+
+    def __init__(self, indices: list[int], array_name: str) -> None:
+        super().__init__(f"non-finite values in {array_name!r} from replies {indices}")
+        self.indices = indices
+        self.array_name = array_name
+
+
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {
+        "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+    return header.getvalue()
+
+
 def weighted_mean(spec: ArraySpec, replies: list[ValidReply]) -> ArrayRecord:
-    """sum_k n_k w_k / sum_k n_k, accumulated in float64, serialised chunk by chunk."""
+    """sum_k n_k w_k / sum_k n_k, accumulated in float64, written straight into .npy bytes.
+
+    Array-major and chunked: for each slice of each array, every reply's (zero-copy) slice is
+    added into one small float64 buffer, which is scaled and written into the output buffer.
+    Non-finite inputs always make the chunk's sum non-finite, so checking the sum (one small
+    check per chunk) finds them without a separate pass over K replies; the culprits are then
+    named in `NonFiniteReplies`. Arrays are produced largest first, so the transient copy that
+    turns the buffer into `bytes` coincides with the least finished output.
+    """
     total = float(sum(r.num_examples for r in replies))
     acc = np.empty(AGGREGATION_CHUNK, dtype=np.float64)
     scratch = np.empty(AGGREGATION_CHUNK, dtype=np.float64)
-    out = ArrayRecord()
-    for i, (name, shape, dtype_name) in enumerate(
-            zip(spec.names, spec.shapes, spec.dtypes, strict=True)):
-        dtype = np.dtype(dtype_name)
+    produced: dict[str, Array] = {}
+    order = sorted(range(len(spec.names)),
+                   key=lambda i: -int(np.prod(spec.shapes[i], dtype=np.int64)))
+    for i in order:
+        name, shape = spec.names[i], tuple(spec.shapes[i])
+        dtype = np.dtype(spec.dtypes[i])
         flats = [np.ravel(r.views[i], order="C") for r in replies]
-        size = flats[0].size if flats else 0
-        header = io.BytesIO()
-        np.lib.format.write_array_header_1_0(header, {
-            "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-            "shape": tuple(shape)})
-        # The .npy bytes are assembled in one exact-size buffer: no growth, no per-reply copy.
-        head = header.getvalue()
+        size = int(np.prod(shape, dtype=np.int64))
+        head = _npy_header(dtype, shape)
         payload = bytearray(len(head) + size * dtype.itemsize)
         payload[:len(head)] = head
         target = np.frombuffer(payload, dtype=dtype, count=size, offset=len(head))
@@ -101,15 +121,19 @@ def weighted_mean(spec: ArraySpec, replies: list[ValidReply]) -> ArrayRecord:
             for flat, reply in zip(flats, replies, strict=True):
                 np.multiply(flat[start:stop], reply.num_examples, out=tmp, dtype=np.float64)
                 part += tmp
+            if not np.isfinite(part).all():
+                bad = [k for k, flat in enumerate(flats)
+                       if not np.isfinite(flat[start:stop]).all()]
+                raise NonFiniteReplies(bad, name)
             part /= total
             if dtype.kind in "iu":
                 np.rint(part, out=part)
             target[start:stop] = part
         del target
-        out[name] = Array(dtype=str(dtype), shape=tuple(shape), stype=NUMPY_STYPE,
-                          data=bytes(payload))
+        produced[name] = Array(dtype=str(dtype), shape=shape, stype=NUMPY_STYPE,
+                               data=bytes(payload))
         del payload
-    return out
+    return ArrayRecord({name: produced[name] for name in spec.names})
 
 
 def weighted_metrics(items: Iterable[tuple[int, dict[str, float]]],
@@ -247,8 +271,8 @@ class WeightedFedAvg(Strategy):
                                   f"need {needed}")
         log.warning("round %s: %s", self.round_log.server_round, self.round_log.aborted)
 
-    def screen_train_replies(self, replies: Iterable[Message],
-                             spec: ArraySpec | None = None) -> list[ValidReply]:
+    def screen_train_replies(self, replies: Iterable[Message], spec: ArraySpec | None = None,
+                             check_finite: bool = True) -> list[ValidReply]:
         """Classify replies: errors and invalid ones are rejected, declines noted."""
         spec = spec or self._spec
         valid: list[ValidReply] = []
@@ -273,19 +297,23 @@ class WeightedFedAvg(Strategy):
                     log.info("round %s: node %s declined: %s", self.round_log.server_round,
                              node, reason)
                     continue
-                valid.append(self.check_train_reply(msg, spec, metrics))
+                valid.append(self.check_train_reply(msg, spec, metrics, check_finite))
             except InvalidReply as exc:
-                self.round_log.rejected[node] = str(exc)
-                log.warning("round %s: rejected the reply of node %s: %s",
-                            self.round_log.server_round, node, exc)
+                self._reject(node, str(exc))
         return valid
+
+    def _reject(self, node: int, reason: str) -> None:
+        self.round_log.rejected[node] = reason
+        self.round_log.client_metrics.pop(node, None)
+        log.warning("round %s: rejected the reply of node %s: %s", self.round_log.server_round,
+                    node, reason)
 
     def _note_partition(self, node: int, metrics: dict[str, float]) -> None:
         if "partition-id" in metrics:
             self.round_log.client_partitions[node] = int(metrics["partition-id"])
 
     def check_train_reply(self, msg: Message, spec: ArraySpec | None,
-                          metrics: dict[str, float]) -> ValidReply:
+                          metrics: dict[str, float], check_finite: bool = True) -> ValidReply:
         content = msg.content
         if spec is None:
             raise InvalidReply("no global model was sent this round")
@@ -298,7 +326,7 @@ class WeightedFedAvg(Strategy):
         if NUM_EXAMPLES_KEY not in record:
             raise InvalidReply(f"no '{NUM_EXAMPLES_KEY}' in the metrics")
         n = check_num_examples(record[NUM_EXAMPLES_KEY], self.max_num_examples)
-        views = check_arrays(content.array_records["arrays"], spec)
+        views = check_arrays(content.array_records["arrays"], spec, check_finite)
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
             raise InvalidReply(f"non-finite metrics {bad}")
@@ -307,12 +335,21 @@ class WeightedFedAvg(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid = self.screen_train_replies(replies)
+        valid = self.screen_train_replies(replies, check_finite=False)
         self.check_everyone_exhausted()
-        if not self.enough_replies(len(valid)):
-            return None, None
         started = time.perf_counter()
-        arrays = weighted_mean(self._spec, valid)  # type: ignore[arg-type]
+        while True:
+            if not self.enough_replies(len(valid)):
+                return None, None
+            try:
+                arrays = weighted_mean(self._spec, valid)  # type: ignore[arg-type]
+                break
+            except NonFiniteReplies as exc:
+                # Rare path: drop the poisoned replies and sum again without them.
+                for index in sorted(exc.indices, reverse=True):
+                    bad = valid.pop(index)
+                    self._reject(bad.node_id, f"array {exc.array_name!r} contains NaN or "
+                                              "infinite values")
         self.round_log.add_seconds("aggregate", time.perf_counter() - started)
         return arrays, self.finish_train_metrics(valid)
 
