@@ -65,15 +65,21 @@ class HEFedAvg(WeightedFedAvg):
         self.scale_bits = settings.effective_scale_bits()
         self._layout: ArrayLayout | None = None
         self._sum: EncryptedSum | None = None
-        #: Facts for the privacy report.
-        self.privacy_notes = [self.visibility]
+        #: Facts for the privacy report (the ledger prints `visibility`, so they go there).
+        self.privacy_notes = [
+            type(self).visibility + ".",
+            "Central evaluation is off: the server holds no secret key and cannot read the "
+            "model, so accuracy comes from the clients' federated evaluation of the decrypted "
+            "model; key holders recover the final model with `fedstack decrypt`.",
+        ]
         if keys.one_process_held_both:
             self.privacy_notes.append(
-                "simulation: this process generated both the secret and the public CKKS "
-                f"context (into {keys.public_path.parent}); the server strategy loaded the "
-                "public one only, but a real deployment must generate keys on a data owner's "
-                "machine (`fedstack keys`) and give the server the public file"
+                "Simulation: one process generated both the secret and the public CKKS "
+                f"context (into {keys.public_path.parent}); the server strategy loaded only "
+                "the public one, but a deployment must create keys on a data owner's machine "
+                "(`fedstack keys`) and give the server only the public file."
             )
+        self.visibility = " ".join(self.privacy_notes)
 
     @classmethod
     def from_config(cls, cfg: Any, *, run_dir: Path, **common: Any) -> HEFedAvg:
