@@ -130,18 +130,20 @@ def bench_speed(reps: int, warmup: int) -> dict[str, Any]:
                 runners[name].epoch()
                 if rep >= warmup:
                     times[name].append(time.perf_counter() - start)
-        base = statistics.median(times["no_dp"])
+        base_min = min(times["no_dp"])
+        base_med = statistics.median(times["no_dp"])
         modes = {}
         for name, ts in times.items():
-            med = statistics.median(ts)
             modes[name] = {
-                "epoch_s_median": med,
                 "epoch_s_min": min(ts),
-                "ratio_vs_no_dp": med / base,
+                "epoch_s_median": statistics.median(ts),
+                # Headline: best-of-N (interference from other processes only adds time).
+                "ratio_vs_no_dp": min(ts) / base_min,
+                "ratio_vs_no_dp_median": statistics.median(ts) / base_med,
             }
             if isinstance(runners[name], _DPRunner):
                 modes[name]["setup_s"] = runners[name].setup_s
-        fastest_opacus = min(OPACUS_MODES, key=lambda m: modes[m]["epoch_s_median"])
+        fastest_opacus = min(OPACUS_MODES, key=lambda m: modes[m]["epoch_s_min"])
         out[case] = {
             "task": task, "batch_size": batch, "num_examples": len(data),
             "params": sum(p.numel() for p in fresh().parameters()),
@@ -149,7 +151,7 @@ def bench_speed(reps: int, warmup: int) -> dict[str, Any]:
             "modes": modes,
             "fastest_opacus_mode": fastest_opacus,
             "fastest_correct_mode": min([*OPACUS_MODES, "bk"],
-                                        key=lambda m: modes[m]["epoch_s_median"]),
+                                        key=lambda m: modes[m]["epoch_s_min"]),
         }
     return out
 
@@ -157,12 +159,13 @@ def bench_speed(reps: int, warmup: int) -> dict[str, Any]:
 def print_speed(result: dict[str, Any]) -> None:
     for case, r in result.items():
         print(f"\n{case}: {r['num_examples']} examples, batch {r['batch_size']}, "
-              f"{r['params']} params (median epoch time of {r['steps_per_epoch']} steps)")
-        print(f"  {'mode':<18}{'epoch ms':>10}{'x no-DP':>9}{'setup ms':>10}")
+              f"{r['params']} params, epochs of {r['steps_per_epoch']} steps")
+        print(f"  {'mode':<18}{'best ms':>9}{'x no-DP':>9}{'median ms':>11}{'x no-DP':>9}"
+              f"{'setup ms':>10}")
         for name, m in r["modes"].items():
             setup = f"{m['setup_s'] * 1e3:10.1f}" if "setup_s" in m else " " * 10
-            print(f"  {name:<18}{m['epoch_s_median'] * 1e3:10.1f}"
-                  f"{m['ratio_vs_no_dp']:9.2f}{setup}")
+            print(f"  {name:<18}{m['epoch_s_min'] * 1e3:9.1f}{m['ratio_vs_no_dp']:9.2f}"
+                  f"{m['epoch_s_median'] * 1e3:11.1f}{m['ratio_vs_no_dp_median']:9.2f}{setup}")
         print(f"  fastest Opacus mode: {r['fastest_opacus_mode']}; "
               f"fastest overall: {r['fastest_correct_mode']}")
 
@@ -197,7 +200,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions / runs")
     parser.add_argument("--speed", action="store_true", help="part 1 only")
     parser.add_argument("--utility", action="store_true", help="part 2 only")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads for part 1 (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     do_speed = args.speed or not args.utility
     do_utility = args.utility
     RESULTS.mkdir(parents=True, exist_ok=True)

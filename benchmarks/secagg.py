@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
 import sys
 import time
+from copy import deepcopy
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -56,12 +59,12 @@ def bench_shamir(quick: bool) -> dict:
         sec = np.frombuffer(secret, np.uint8).reshape(1, 32)
         picked = np.arange(t)
 
-        def ours_cold(sec=sec, n=n, t=t, picked=picked):
+        def ours_cold(sec=sec, n=n, t=t, picked=picked, secret=secret):
             shamir.clear_lagrange_cache()
             shares = shamir.split(sec, n, t)
             assert shamir.reconstruct(picked + 1, shares[:, picked]).tobytes() == secret
 
-        def ours_warm(sec=sec, n=n, t=t, picked=picked):
+        def ours_warm(sec=sec, n=n, t=t, picked=picked, secret=secret):
             shares = shamir.split(sec, n, t)
             assert shamir.reconstruct(picked + 1, shares[:, picked]).tobytes() == secret
 
@@ -81,14 +84,22 @@ def bench_shamir(quick: bool) -> dict:
         pyc = _median_time(pycryptodome, reps_slow)
         flw = _median_time(flower, reps_slow)
         rows[f"n={n},t={t}"] = {
-            "ours_s": ours_c, "ours_cached_lagrange_s": ours_w, "pycryptodome_s": pyc,
-            "flower_create_combine_s": flw, "speedup_vs_pycryptodome": pyc / ours_c,
-            "speedup_cached_vs_pycryptodome": pyc / ours_w}
+            "ours_s": ours_c,
+            "ours_cached_lagrange_s": ours_w,
+            "pycryptodome_s": pyc,
+            "flower_create_combine_s": flw,
+            "speedup_vs_pycryptodome": pyc / ours_c,
+            "speedup_cached_vs_pycryptodome": pyc / ours_w,
+        }
     print("\n== Shamir split + reconstruct of a 256-bit secret (median seconds) ==")
-    print(f"{'size':<14}{'ours':>10}{'ours(cached)':>14}{'pycryptodome':>14}{'flwr':>10}{'speed-up':>10}")
+    print(
+        f"{'size':<14}{'ours':>10}{'ours(cached)':>14}{'pycryptodome':>14}{'flwr':>10}{'speed-up':>10}"
+    )
     for k, r in rows.items():
-        print(f"{k:<14}{r['ours_s']:>10.5f}{r['ours_cached_lagrange_s']:>14.5f}{r['pycryptodome_s']:>14.4f}"
-              f"{r['flower_create_combine_s']:>10.4f}{r['speedup_vs_pycryptodome']:>9.0f}x")
+        print(
+            f"{k:<14}{r['ours_s']:>10.5f}{r['ours_cached_lagrange_s']:>14.5f}{r['pycryptodome_s']:>14.4f}"
+            f"{r['flower_create_combine_s']:>10.4f}{r['speedup_vs_pycryptodome']:>9.0f}x"
+        )
     return rows
 
 
@@ -109,36 +120,484 @@ def bench_core(quick: bool) -> dict:
                 fed.run_round(1, inputs, drop={"masked-input": dropped})
                 total = time.perf_counter() - t0
                 rows[f"n={n},d={d},{graph},drop={drop_frac:.0%}"] = {
-                    "seconds_all_parties": total, "seconds_per_client_avg": total / n,
-                    "degree": params.degree(n), "threshold": params.round_threshold(n)}
-    print("\n== Protocol core, simulated parties in one process (all parties + server, one round) ==")
+                    "seconds_all_parties": total,
+                    "seconds_per_client_avg": total / n,
+                    "degree": params.degree(n),
+                    "threshold": params.round_threshold(n),
+                }
+    print(
+        "\n== Protocol core, simulated parties in one process (all parties + server, one round) =="
+    )
     print(f"{'config':<40}{'k':>5}{'t':>5}{'total s':>10}{'s/client':>10}")
     for k, r in rows.items():
-        print(f"{k:<40}{r['degree']:>5}{r['threshold']:>5}{r['seconds_all_parties']:>10.3f}"
-              f"{r['seconds_per_client_avg']:>10.4f}")
+        print(
+            f"{k:<40}{r['degree']:>5}{r['threshold']:>5}{r['seconds_all_parties']:>10.3f}"
+            f"{r['seconds_per_client_avg']:>10.4f}"
+        )
+    return rows
+
+
+# ------------------------------------------------------------------ rounds through Flower
+
+DROP_FRACTION = 0.2
+SYNTH_WEIGHT_BASE = 100  # n_k = 100 + partition id (below Flower's default max_weight=1000)
+SYSTEMS = ("plain", "ours-complete", "ours-sparse", "flower-secagg+")
+
+
+def _counting_grid_cls():
+    from flwr.app import Message
+
+    from fedstack.strategies.round_log import payload_bytes
+    from tests.inprocess_grid import RUN_ID, InProcessGrid
+
+    class CountingGrid(InProcessGrid):
+        """The lead's in-process Grid, counting exchanges and payload bytes both ways."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.exchanges = 0
+            self.bytes_down = 0
+            self.bytes_up = 0
+
+        @property
+        def run(self):  # Flower's legacy client manager reads grid.run.run_id
+            return SimpleNamespace(run_id=RUN_ID)
+
+        def send_and_receive(self, messages, *, timeout=None):
+            """Each client gets its own copy of the content (as over a real transport: Flower's
+            SecAgg+ workflow shares one ConfigRecord between messages and its client mod pops
+            keys from it); `lose(node, message)` decides, before delivery, whose reply is lost."""
+            messages = list(messages)
+            self.exchanges += 1
+            self.bytes_down += sum(payload_bytes(m.content) for m in messages)
+            replies = []
+            for m in messages:
+                lost = self.lose(m.metadata.dst_node_id, m)
+                copy = Message(
+                    deepcopy(m.content),
+                    dst_node_id=m.metadata.dst_node_id,
+                    message_type=m.metadata.message_type,
+                    group_id=m.metadata.group_id,
+                )
+                got = list(super().send_and_receive([copy], timeout=timeout))
+                if not lost:
+                    replies.extend(got)
+            self.bytes_up += sum(payload_bytes(r.content) for r in replies if not r.has_error())
+            return replies
+
+        @staticmethod
+        def lose(node: int, message) -> bool:
+            return False
+
+    return CountingGrid
+
+
+def _synthetic_train(msg, context):
+    """Stand-in for local training: a cheap deterministic change of every weight, so that the
+    timings isolate what each aggregation protocol adds."""
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+    pid = int(context.node_config["partition-id"])
+    arrays = msg.content["arrays"]
+    out = ArrayRecord({k: Array(arrays[k].numpy() + np.float32(1e-3 * (pid + 1))) for k in arrays})
+    return Message(
+        RecordDict(
+            {
+                "arrays": out,
+                "metrics": MetricRecord(
+                    {
+                        "num-examples": SYNTH_WEIGHT_BASE + pid,
+                        "train-loss": 0.0,
+                        "partition-id": pid,
+                    }
+                ),
+            }
+        ),
+        reply_to=msg,
+    )
+
+
+def _fedstack_client_app():
+    from flwr.clientapp import ClientApp
+
+    from fedstack.strategies.client_mods import protocol_mod
+
+    app = ClientApp()
+    app.train(mods=[protocol_mod])(_synthetic_train)
+    return app
+
+
+def _flower_client_app():
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.client.mod import secaggplus_mod
+
+    class SyntheticClient(NumPyClient):
+        def __init__(self, pid: int) -> None:
+            self.pid = pid
+
+        def fit(self, parameters, config):
+            return (
+                [p + np.float32(1e-3 * (self.pid + 1)) for p in parameters],
+                SYNTH_WEIGHT_BASE + self.pid,
+                {},
+            )
+
+    def client_fn(context):
+        return SyntheticClient(int(context.node_config["partition-id"])).to_client()
+
+    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+
+
+def _dropped(n: int) -> set[int]:
+    """Node ids (InProcessGrid numbers them 101..) that lose their masked-input/train reply."""
+    return {101 + i for i in range(math.ceil(DROP_FRACTION * n))}
+
+
+def _run_fedstack(system: str, n: int, d: int, drop: bool, rounds: int, tmp: Path) -> dict:
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    from fedstack.config import CONFIG_MESSAGE_KEY, compose_config, config_to_yaml
+    from fedstack.strategies import build_strategy
+
+    overrides = [
+        f"num_clients={n}",
+        "fraction_evaluate=0.0",
+        "min_evaluate_nodes=0",
+        f"output_dir={tmp}",
+        f"num_rounds={rounds}",
+    ]
+    overrides += (
+        ["aggregation=fedavg"]
+        if system == "plain"
+        else ["aggregation=secagg", f"aggregation.graph={system.split('-')[1]}"]
+    )
+    cfg = compose_config(overrides)
+    grid = _counting_grid_cls()(_fedstack_client_app(), num_nodes=n)
+    lost = _dropped(n) if drop else set()
+    grid.lose = lambda node, msg: node in lost and "arrays" in msg.content.array_records
+    strategy = build_strategy(cfg, tmp)
+    stamps: list[float] = []
+
+    class Clock:
+        def on_round_end(self, round_log, arrays) -> None:
+            stamps.append(time.perf_counter())
+
+    config = ConfigRecord({CONFIG_MESSAGE_KEY: config_to_yaml(cfg)})
+    start = time.perf_counter()
+    strategy.start(
+        grid,
+        ArrayRecord({"w": Array(np.zeros(d, np.float32))}),
+        num_rounds=rounds,
+        train_config=config,
+        evaluate_config=config,
+        recorder=Clock(),
+    )
+    per_round = np.diff([start, *stamps])
+    out = _cost(grid, n, rounds, per_round)
+    if system != "plain":
+        out["secagg_degree"] = strategy.params.degree(n)
+    return out
+
+
+def _run_flower(n: int, d: int, drop: bool, rounds: int, threshold: int) -> dict:
+    from flwr.app import Context, RecordDict
+    from flwr.common import ndarrays_to_parameters
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+    grid = _counting_grid_cls()(_flower_client_app(), num_nodes=n)
+    lost = _dropped(n) if drop else set()
+
+    def lose(node, msg) -> bool:
+        record = msg.content.config_records.get(RECORD_KEY_CONFIGS)
+        return (
+            node in lost
+            and record is not None
+            and record.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS
+        )
+
+    grid.lose = lose
+    stamps: list[float] = []
+    secagg = SecAggPlusWorkflow(num_shares=n, reconstruction_threshold=threshold, timeout=60.0)
+
+    def timed_fit(grid_, context_) -> None:
+        secagg(grid_, context_)
+        stamps.append(time.perf_counter())
+
+    strategy = FedAvg(
+        fraction_fit=1.0,
+        fraction_evaluate=0.0,
+        min_fit_clients=n - len(lost),
+        min_available_clients=n,
+        initial_parameters=ndarrays_to_parameters([np.zeros(d, np.float32)]),
+    )
+    context = LegacyContext(
+        context=Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+        config=ServerConfig(num_rounds=rounds),
+        strategy=strategy,
+    )
+    start = time.perf_counter()
+    DefaultWorkflow(fit_workflow=timed_fit)(grid, context)
+    per_round = np.diff([start, *stamps])
+    return _cost(grid, n, rounds, per_round)
+
+
+def _cost(grid, n: int, rounds: int, per_round: np.ndarray) -> dict:
+    return {
+        "seconds_per_round": float(np.mean(per_round)),
+        "seconds_first_round": float(per_round[0]),
+        "seconds_later_rounds": float(np.median(per_round[1:])) if len(per_round) > 1 else None,
+        "exchanges_per_round": grid.exchanges / rounds,
+        "bytes_down_per_client_round": grid.bytes_down / n / rounds,
+        "bytes_up_per_client_round": grid.bytes_up / n / rounds,
+    }
+
+
+def bench_rounds(quick: bool) -> dict:
+    """Every system on the same synthetic workload, in process (lead's InProcessGrid)."""
+    import logging
+    import tempfile
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    sizes = [100_000] if quick else [100_000, 1_000_000]
+    clients = [5] if quick else [5, 20]
+    rounds = 2 if quick else 3
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for system in SYSTEMS:  # warm-up: imports, config parsing, first-call caches
+            if system == "flower-secagg+":
+                _run_flower(5, 1000, False, 2, 3)
+            else:
+                _run_fedstack(system, 5, 1000, False, 2, Path(tmp))
+        for d in sizes:
+            for n in clients:
+                for drop in (False, True):
+                    t = math.ceil(0.6 * n)
+                    for system in SYSTEMS:
+                        key = f"{system},n={n},d={d},drop={int(100 * DROP_FRACTION * drop)}%"
+                        if system == "flower-secagg+":
+                            rows[key] = _run_flower(n, d, drop, rounds, t)
+                        else:
+                            rows[key] = _run_fedstack(system, n, d, drop, rounds, Path(tmp))
+                        print(f"  {key}: {rows[key]['seconds_per_round']:.3f} s/round", flush=True)
+    print(
+        "\n== Rounds in process, synthetic training "
+        "(mean s/round incl. round 1; bytes per client per round) =="
+    )
+    header = ("system,config", "s/round", "round 1", "later", "exch", "MB down", "MB up")
+    print(f"{header[0]:<46}" + "".join(f"{h:>9}" for h in header[1:]))
+    for k, r in rows.items():
+        later = r["seconds_later_rounds"]
+        cells = (
+            r["seconds_per_round"],
+            r["seconds_first_round"],
+            later if later is not None else float("nan"),
+            r["exchanges_per_round"],
+            r["bytes_down_per_client_round"] / 1e6,
+            r["bytes_up_per_client_round"] / 1e6,
+        )
+        print(f"{k:<46}" + "".join(f"{c:>9.3f}" for c in cells))
+    return rows
+
+
+# ------------------------------------------------------------------ Flower's Ray runtime
+
+RAY_ROUNDS = 4
+
+
+def _ray_simulate(server_main, client_app, num_clients: int) -> None:
+    import os
+
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    from fedstack.cli import SIMULATION_CPUS_PER_CLIENT
+
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    server_app = ServerApp()
+    server_app.main()(server_main)
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=num_clients,
+        backend_config={
+            "client_resources": {"num_cpus": SIMULATION_CPUS_PER_CLIENT, "num_gpus": 0.0}
+        },
+    )
+
+
+def _ray_fedstack(system: str, tmp: Path) -> list[float]:
+    """Real digits training through Flower's simulation runtime; wall seconds per round."""
+    from flwr.app import ArrayRecord, ConfigRecord
+
+    from fedstack.client_app import app as client_app
+    from fedstack.config import CONFIG_MESSAGE_KEY, compose_config, config_to_yaml
+    from fedstack.strategies import build_strategy
+    from fedstack.task.datasets import load_task_data
+    from fedstack.task.models import build_model
+
+    overrides = [
+        "fraction_evaluate=0.0",
+        "min_evaluate_nodes=0",
+        f"output_dir={tmp}",
+        f"num_rounds={RAY_ROUNDS}",
+    ]
+    overrides += (
+        ["aggregation=fedavg"]
+        if system == "plain"
+        else ["aggregation=secagg", f"aggregation.graph={system.split('-')[1]}"]
+    )
+    cfg = compose_config(overrides)
+    stamps: list[float] = []
+
+    class Clock:
+        def on_round_end(self, round_log, arrays) -> None:
+            stamps.append(time.perf_counter())
+
+    def main(grid, context) -> None:
+        data = load_task_data(cfg.task, cfg.seed)
+        model = build_model(cfg.task.model, data.input_shape, data.num_classes, cfg.seed)
+        config = ConfigRecord({CONFIG_MESSAGE_KEY: config_to_yaml(cfg)})
+        stamps.append(time.perf_counter())
+        build_strategy(cfg, tmp).start(
+            grid,
+            ArrayRecord(model.state_dict()),
+            num_rounds=RAY_ROUNDS,
+            train_config=config,
+            evaluate_config=config,
+            recorder=Clock(),
+        )
+
+    _ray_simulate(main, client_app, int(cfg.num_clients))
+    return list(np.diff(stamps))
+
+
+def _ray_flower_secaggplus() -> list[float]:
+    """Flower's SecAgg+ (legacy API) on the same digits task, model and local training."""
+    import torch
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+    from fedstack.client_app import partition_of
+    from fedstack.config import compose_config
+    from fedstack.task.client_data import load_client_data
+    from fedstack.task.datasets import load_task_data
+    from fedstack.task.models import build_model
+    from fedstack.task.training import SGDTrainer
+
+    cfg = compose_config([f"num_rounds={RAY_ROUNDS}"])
+    n = int(cfg.num_clients)
+
+    class DigitsClient(NumPyClient):
+        def __init__(self, context) -> None:
+            self.pid, parts = partition_of(context)
+            self.data = load_client_data(cfg, self.pid, parts)
+
+        def fit(self, parameters, config):
+            model = build_model(
+                cfg.task.model, self.data.task.input_shape, self.data.task.num_classes, cfg.seed
+            )
+            keys = list(model.state_dict().keys())
+            model.load_state_dict(
+                {k: torch.from_numpy(v.copy()) for k, v in zip(keys, parameters, strict=True)}
+            )
+            out = SGDTrainer(cfg.task, int(cfg.seed), self.pid).train(model, self.data.train, 1)
+            return [v.detach().numpy() for v in model.state_dict().values()], out.num_examples, {}
+
+    client_app = ClientApp(
+        client_fn=lambda context: DigitsClient(context).to_client(), mods=[secaggplus_mod]
+    )
+    stamps: list[float] = []
+    secagg = SecAggPlusWorkflow(
+        num_shares=n, reconstruction_threshold=math.ceil(0.6 * n), timeout=120.0
+    )
+
+    def timed_fit(grid_, context_) -> None:
+        secagg(grid_, context_)
+        stamps.append(time.perf_counter())
+
+    def main(grid, context) -> None:
+        data = load_task_data(cfg.task, cfg.seed)
+        model = build_model(cfg.task.model, data.input_shape, data.num_classes, cfg.seed)
+        init = ndarrays_to_parameters([v.detach().numpy() for v in model.state_dict().values()])
+        strategy = FedAvg(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=n,
+            min_available_clients=n,
+            initial_parameters=init,
+        )
+        legacy = LegacyContext(
+            context=context, config=ServerConfig(num_rounds=RAY_ROUNDS), strategy=strategy
+        )
+        stamps.append(time.perf_counter())
+        DefaultWorkflow(fit_workflow=timed_fit)(grid, legacy)
+
+    _ray_simulate(main, client_app, n)
+    return list(np.diff(stamps))
+
+
+def bench_ray() -> dict:
+    """5 clients, digits CNN (85k parameters), real local training, Flower's Ray runtime."""
+    import tempfile
+
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for system in SYSTEMS:
+            per_round = (
+                _ray_flower_secaggplus()
+                if system == "flower-secagg+"
+                else _ray_fedstack(system, Path(tmp))
+            )
+            rows[system] = {
+                "seconds_per_round": per_round,
+                "seconds_later_rounds": float(np.median(per_round[1:])),
+            }
+    print(
+        "\n== Flower simulation runtime (Ray), digits CNN 85k params, 5 clients, real training =="
+    )
+    print(f"{'system':<18}{'round 1':>9}{'later (median)':>16}")
+    for k, r in rows.items():
+        print(f"{k:<18}{r['seconds_per_round'][0]:>9.2f}{r['seconds_later_rounds']:>16.3f}")
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes and few repeats (~1 min)")
-    ap.add_argument("--sections", default="shamir,core,flower")
+    ap.add_argument("--sections", default="shamir,core,rounds,ray")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
-    out: dict = {"machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
-                 "quick": args.quick}
+    out: dict = {
+        "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
+        "quick": args.quick,
+    }
     if "shamir" in sections:
         out["shamir"] = bench_shamir(args.quick)
-        out["shamir_speedup_vs_pycryptodome"] = out["shamir"]["n=100,t=51"]["speedup_vs_pycryptodome"]
+        out["shamir_speedup_vs_pycryptodome"] = out["shamir"]["n=100,t=51"][
+            "speedup_vs_pycryptodome"
+        ]
     if "core" in sections:
         out["core"] = bench_core(args.quick)
-    if "flower" in sections:
-        try:
-            from benchmarks_secagg_flower import bench_flower  # type: ignore[import-not-found]
-        except ImportError:
-            print("\n(flower section not available yet)")
-        else:
-            out.update(bench_flower(args.quick))
+    if "ray" in sections and not args.quick:
+        out["ray"] = bench_ray()
+    if "rounds" in sections:
+        rows = out["rounds"] = bench_rounds(args.quick)
+        head = "n=5,d=100000,drop=0%"
+        out["ratio_ours_over_plain"] = (
+            rows[f"ours-complete,{head}"]["seconds_per_round"]
+            / rows[f"plain,{head}"]["seconds_per_round"]
+        )
+        out["ratio_flower_over_ours"] = (
+            rows[f"flower-secagg+,{head}"]["seconds_per_round"]
+            / rows[f"ours-complete,{head}"]["seconds_per_round"]
+        )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=2))
     print(f"\nwrote {RESULTS}")

@@ -20,6 +20,8 @@ from typing import Any
 SUBCOMMANDS: dict[str, str] = {
     "keys": "fedstack.strategies.he.cli:keys_main",
     "decrypt": "fedstack.strategies.he.cli:decrypt_main",
+    "certs": "fedstack.deploy.cli:certs_main",
+    "supernode-keys": "fedstack.deploy.cli:supernode_keys_main",
 }
 #: CPUs reserved per simulated client (2 cores here: two clients train side by side).
 SIMULATION_CPUS_PER_CLIENT = 1

@@ -15,8 +15,10 @@ def test_roundtrip_and_fresh_nonces():
     assert open_sealed(key, c1, ad) == b"secret share"
 
 
-@pytest.mark.parametrize("other", [("share", 4, 10, 20), ("share", 3, 11, 20), ("share", 3, 20, 10),
-                                   ("other", 3, 10, 20)])
+@pytest.mark.parametrize(
+    "other",
+    [("share", 4, 10, 20), ("share", 3, 11, 20), ("share", 3, 20, 10), ("other", 3, 10, 20)],
+)
 def test_replay_into_another_context_fails(other):
     key = os.urandom(32)
     ct = seal(key, b"x" * 72, associated_data("share", 3, 10, 20))

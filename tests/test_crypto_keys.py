@@ -32,7 +32,9 @@ def test_derived_keys_are_bound_to_purpose_round_and_ids():
 
 def test_pair_key_agrees_regardless_of_id_order():
     a, b = KeyPair.generate(), KeyPair.generate()
-    assert pair_key(a.private, b.public, "m", 1, 7, 9) == pair_key(b.private, a.public, "m", 1, 9, 7)
+    assert pair_key(a.private, b.public, "m", 1, 7, 9) == pair_key(
+        b.private, a.public, "m", 1, 9, 7
+    )
 
 
 def test_low_order_and_malformed_keys_are_rejected():

@@ -83,8 +83,10 @@ def test_t_minus_one_shares_are_independent_of_the_secret():
         # unique quadratic through them exists since the x's are distinct; check a third share
         # derived from it reconstructs c together with the observed two.
         lam = [_lagrange_at(xs=(0, 1, 2), at=3, i=i) for i in range(3)]
-        y3 = [(lam[0] * int(c_limbs[k]) + lam[1] * int(obs[0, k]) + lam[2] * int(obs[1, k])) % PRIME
-              for k in range(NUM_LIMBS)]
+        y3 = [
+            (lam[0] * int(c_limbs[k]) + lam[1] * int(obs[0, k]) + lam[2] * int(obs[1, k])) % PRIME
+            for k in range(NUM_LIMBS)
+        ]
         ys = np.stack([obs[0], obs[1], np.array(y3, dtype=np.uint32)])[None]
         assert np.array_equal(reconstruct(np.array([1, 2, 3]), ys)[0], cand)
 

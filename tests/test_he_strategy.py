@@ -200,3 +200,30 @@ def test_deployment_paths_and_checkpoint_decrypt(tmp_path):
     for name in direct:
         np.testing.assert_array_equal(plain[name].numpy(), direct[name].numpy())
     assert info["clients_summed"] == NUM_CLIENTS and info["round"] == 1
+
+
+def test_resume_continues_from_the_encrypted_checkpoint(tmp_path):
+    """Round 2 of a resumed run starts from round 1's ciphertext checkpoint and the same keys."""
+    import json as _json
+
+    from fedstack.server_app import run_server
+
+    cfg = _cfg(tmp_path, "he", "run_name=resumable")
+    first = run_server(InProcessGrid(client_app, num_nodes=NUM_CLIENTS), cfg)
+    run_dir = Path(first["run_dir"]) if "run_dir" in first else tmp_path / "resumable"
+    ckpt_dir = run_dir / "checkpoints"
+    final_before = load_checkpoint(ckpt_dir / "round-0002.npz")
+    # Pretend the run stopped after round 1.
+    (ckpt_dir / "round-0002.npz").unlink()
+    (ckpt_dir / "latest.json").write_text(_json.dumps({"round": 1, "file": "round-0001.npz"}))
+    keys_before = (run_dir / SIMULATION_KEY_DIR / PUBLIC_CONTEXT_FILENAME).read_bytes()
+    resumed_cfg = compose_config([
+        "task=breast_cancer", "aggregation=he", f"output_dir={tmp_path}", f"resume={run_dir}",
+    ])
+    run_server(InProcessGrid(client_app, num_nodes=NUM_CLIENTS), resumed_cfg)
+    assert (run_dir / SIMULATION_KEY_DIR / PUBLIC_CONTEXT_FILENAME).read_bytes() == keys_before
+    final_after = load_checkpoint(ckpt_dir / "round-0002.npz")
+    secret = load_secret_context(run_dir / SIMULATION_KEY_DIR / SECRET_CONTEXT_FILENAME)
+    before = decrypt_mean(secret, model_from_record(final_before)[0]).mean
+    after = decrypt_mean(secret, model_from_record(final_after)[0]).mean
+    np.testing.assert_allclose(after, before, rtol=0, atol=1e-5)

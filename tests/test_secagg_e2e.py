@@ -26,10 +26,18 @@ def test_secagg_reaches_fedavg_accuracy(tmp_path):
 
     runs = {}
     for agg in ("fedavg", "secagg"):
-        cfg = compose_config([f"aggregation={agg}", f"num_rounds={PARITY_ROUNDS}", f"output_dir={tmp_path}",
-                              f"run_name={agg}"])
+        cfg = compose_config(
+            [
+                f"aggregation={agg}",
+                f"num_rounds={PARITY_ROUNDS}",
+                f"output_dir={tmp_path}",
+                f"run_name={agg}",
+            ]
+        )
         runs[agg] = run_in_simulation(cfg)
-    assert runs["secagg"]["rounds_completed"] == PARITY_ROUNDS and not runs["secagg"]["rounds_aborted"]
+    assert (
+        runs["secagg"]["rounds_completed"] == PARITY_ROUNDS and not runs["secagg"]["rounds_aborted"]
+    )
     assert runs["fedavg"]["final_accuracy"] > 0.9
     assert abs(runs["secagg"]["final_accuracy"] - runs["fedavg"]["final_accuracy"]) <= 0.01
     rows = _history(runs["secagg"]["run_dir"])
@@ -48,13 +56,19 @@ def _crashing_client_app():
 
     def crash_mod(msg, context, call_next):
         parts = msg.content.config_records.get(SECAGG_RECORD)
-        if (int(context.node_config["partition-id"]) == 1 and parts is not None
-                and parts.get(wire.UNMASK_REQ) == 2):
+        if (
+            int(context.node_config["partition-id"]) == 1
+            and parts is not None
+            and parts.get(wire.UNMASK_REQ) == 2
+        ):
             raise RuntimeError("test: client crashed while unmasking")
         return call_next(msg, context)
 
     def flaky_train(msg, context):
-        if int(context.node_config["partition-id"]) == 2 and msg.content["config"]["server-round"] == 3:
+        if (
+            int(context.node_config["partition-id"]) == 2
+            and msg.content["config"]["server-round"] == 3
+        ):
             raise RuntimeError("test: training failed")
         return train(msg, context)
 
@@ -78,15 +92,27 @@ def _simulate(cfg, client_app) -> dict:
     def _main(grid, context) -> None:
         outcome["summary"] = run_server(grid, cfg)
 
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=int(cfg.num_clients),
-                   backend_config={"client_resources": {"num_cpus": SIMULATION_CPUS_PER_CLIENT, "num_gpus": 0.0}})
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=int(cfg.num_clients),
+        backend_config={
+            "client_resources": {"num_cpus": SIMULATION_CPUS_PER_CLIENT, "num_gpus": 0.0}
+        },
+    )
     assert "summary" in outcome, "the ServerApp did not finish"
     return outcome["summary"]
 
 
 def test_run_survives_clients_failing_mid_round(tmp_path):
-    cfg = compose_config(["aggregation=secagg", "num_rounds=3", f"output_dir={tmp_path}",
-                          "aggregation.stage_timeout=60"])
+    cfg = compose_config(
+        [
+            "aggregation=secagg",
+            "num_rounds=3",
+            f"output_dir={tmp_path}",
+            "aggregation.stage_timeout=60",
+        ]
+    )
     summary = _simulate(cfg, _crashing_client_app())
     assert summary["rounds_completed"] == 3 and not summary["rounds_aborted"]
     rows = {r["round"]: r for r in _history(summary["run_dir"])}

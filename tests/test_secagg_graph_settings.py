@@ -51,18 +51,21 @@ def test_yaml_matches_schema_defaults():
     SecAggSettings(**data).validate(CFG)
 
 
-@pytest.mark.parametrize("override,key", [
-    ({"threshold": 0.5}, "aggregation.threshold"),
-    ({"threshold": 9}, "aggregation.threshold"),
-    ({"graph": "ring"}, "aggregation.graph"),
-    ({"neighbours": 3}, "aggregation.neighbours"),
-    ({"prg": "rc4"}, "aggregation.prg"),
-    ({"bits": 16}, "aggregation.bits"),
-    ({"scale": 1e9}, "aggregation.bits"),
-    ({"clip": 1000.0}, "aggregation.max_quant_error"),
-    ({"max_clients": 3}, "aggregation.max_clients"),
-    ({"stage_timeout": 0}, "aggregation.stage_timeout"),
-])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ({"threshold": 0.5}, "aggregation.threshold"),
+        ({"threshold": 9}, "aggregation.threshold"),
+        ({"graph": "ring"}, "aggregation.graph"),
+        ({"neighbours": 3}, "aggregation.neighbours"),
+        ({"prg": "rc4"}, "aggregation.prg"),
+        ({"bits": 16}, "aggregation.bits"),
+        ({"scale": 1e9}, "aggregation.bits"),
+        ({"clip": 1000.0}, "aggregation.max_quant_error"),
+        ({"max_clients": 3}, "aggregation.max_clients"),
+        ({"stage_timeout": 0}, "aggregation.stage_timeout"),
+    ],
+)
 def test_invalid_settings_name_the_key(override, key):
     with pytest.raises(ValueError, match=key.replace(".", r"\.")):
         SecAggSettings(**override).validate(CFG)

@@ -11,7 +11,9 @@ from fedstack.strategies.secagg.params import ProtocolParams
 from fedstack.strategies.secagg.simulate import SimulatedFederation
 
 CLIP, MAX_CLIENTS, MAX_WEIGHT = 3.0, 64, 1000
-CODEC = FixedPointCodec(32, CLIP, auto_scale(32, CLIP, MAX_CLIENTS, MAX_WEIGHT), MAX_CLIENTS, MAX_WEIGHT)
+CODEC = FixedPointCodec(
+    32, CLIP, auto_scale(32, CLIP, MAX_CLIENTS, MAX_WEIGHT), MAX_CLIENTS, MAX_WEIGHT
+)
 D = 40
 
 
@@ -30,12 +32,16 @@ def _exact_sum(inputs, members):
 
 @pytest.mark.parametrize("graph", ["complete", "sparse"])
 def test_aggregate_equals_weighted_mean_within_bound(graph):
-    params = ProtocolParams(CODEC, graph=graph, neighbours=6 if graph == "sparse" else None, threshold=0.6)
+    params = ProtocolParams(
+        CODEC, graph=graph, neighbours=6 if graph == "sparse" else None, threshold=0.6
+    )
     nodes = [3, 11, 17, 29, 40, 41, 58, 60, 77, 90, 91, 99]
     fed = SimulatedFederation(params, nodes)
     inputs = _inputs(nodes)
     weighted, weight, server = fed.run_round(1, inputs)
-    ref = sum(w * np.clip(x, -CLIP, CLIP) for x, w in inputs.values()) / sum(w for _, w in inputs.values())
+    ref = sum(w * np.clip(x, -CLIP, CLIP) for x, w in inputs.values()) / sum(
+        w for _, w in inputs.values()
+    )
     assert weight == sum(w for _, w in inputs.values())
     assert np.abs(weighted / weight - ref).max() <= CODEC.error_bound
     if graph == "sparse":
@@ -51,7 +57,7 @@ def test_dropouts_at_every_stage_up_to_n_minus_t(stage):
     inputs = _inputs(nodes, seed=1)
     for drops in range(0, n - t + 2):
         fed = SimulatedFederation(params, nodes)
-        dropped = set(nodes[1:1 + drops])  # spread over low and high ids: both mask signs
+        dropped = set(nodes[1 : 1 + drops])  # spread over low and high ids: both mask signs
         if drops > n - t:
             with pytest.raises(SecAggAbort, match="aborted"):
                 fed.run_round(1, inputs, drop={stage: dropped})
@@ -71,7 +77,10 @@ def test_sparse_graph_dropouts_give_exact_sum_or_clean_abort():
     rng = np.random.default_rng(5)
     outcomes = set()
     for trial in range(8):
-        drop = {s: set(rng.choice(nodes, size=int(rng.integers(0, 3)), replace=False).tolist()) for s in STAGES}
+        drop = {
+            s: set(rng.choice(nodes, size=int(rng.integers(0, 3)), replace=False).tolist())
+            for s in STAGES
+        }
         fed = SimulatedFederation(params, nodes)
         try:
             weighted, weight, server = fed.run_round(trial + 1, inputs, drop=drop)
@@ -111,10 +120,16 @@ def test_abort_below_threshold_at_start():
         fed.run_round(1, _inputs([1, 2, 3]))
 
 
-def test_client_never_advertises_twice_for_a_round():
-    client = SecAggClient(ProtocolParams(CODEC), ClientState(node=1))
-    client.advertise(2)
-    with pytest.raises(ValueError, match="already"):
-        client.advertise(2)
-    with pytest.raises(ValueError, match="already"):
-        client.advertise(0)  # rounds before an open one are closed
+def test_client_never_reuses_keys_across_rounds_or_after_sharing():
+    params = ProtocolParams(CODEC, threshold=0.6)
+    fed = SimulatedFederation(params, [1, 2, 3])
+    first = fed.advertise(2, [1, 2, 3])
+    # asked again before sharing (lost reply): the same public keys, nothing new generated
+    assert fed.advertise(2, [1, 2, 3]) == first
+    fed.run_round(2, _inputs([1, 2, 3]), adverts=first)
+    client = SecAggClient(params, ClientState.from_bytes(fed.states[1]))
+    with pytest.raises(ValueError, match="already used or the round is closed"):
+        client.advertise(2)  # round 2 is closed: its keys can never come back
+    with pytest.raises(ValueError, match="already used or the round is closed"):
+        client.advertise(1)
+    assert client.advertise(3).mask_pk != first[1].mask_pk

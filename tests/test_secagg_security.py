@@ -68,7 +68,7 @@ def test_late_masked_input_is_rejected_and_stays_private():
     rnd = Round()
     mreqs = rnd.server.receive_shares(rnd.share_replies)
     x = {u: np.random.default_rng(u).normal(size=D) for u in NODES}
-    masked = {u: rnd.fed.call(u, lambda c, q=mreqs[u]: c.mask(q, x[u], 3)) for u in NODES}
+    masked = {u: rnd.fed.call(u, lambda c, q=mreqs[u], v=x[u]: c.mask(q, v, 3)) for u in NODES}
     late = 50
     ureqs = rnd.server.receive_masked({u: m for u, m in masked.items() if u != late})
     assert rnd.server.dropped == [late]
@@ -77,7 +77,7 @@ def test_late_masked_input_is_rejected_and_stays_private():
     replies = {u: rnd.fed.call(u, lambda c, q=ureqs[u]: c.unmask(q)) for u in ureqs}
     assert all(late in rep.key_shares and late not in rep.self_shares for rep in replies.values())
     total = rnd.server.receive_unmask(replies)
-    weighted, weight = CODEC.decode(total)
+    _, weight = CODEC.decode(total)
     ref = sum(CODEC.encode(x[u], 3).astype(np.int64) for u in NODES if u != late)
     assert weight == 12
     assert np.array_equal(total, ref.astype(np.uint32))
@@ -86,8 +86,12 @@ def test_late_masked_input_is_rejected_and_stays_private():
     sk = base64.b64decode(ClientState.from_bytes(rnd.fed.states[late]).rounds["1"].mask_sk)
     stripped = masked[late].words.copy()
     for v in NODES[:-1]:
-        stream = expand(pair_key(sk, rnd.server.adverts[v].mask_pk, PURPOSE_MASK, 1, late, v),
-                        D + 1, np.uint32, "aes")
+        stream = expand(
+            pair_key(sk, rnd.server.adverts[v].mask_pk, PURPOSE_MASK, 1, late, v),
+            D + 1,
+            np.uint32,
+            "aes",
+        )
         stripped += stream  # late = 50 is the largest id: it subtracted every pairwise stream
     assert not np.array_equal(stripped, CODEC.encode(x[late], 3))
     assert _uniform_high_bits(stripped) > 1e-6

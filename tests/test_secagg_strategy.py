@@ -13,7 +13,6 @@ from fedstack.config import CONFIG_MESSAGE_KEY, compose_config, config_to_yaml
 from fedstack.strategies import build_strategy
 from fedstack.strategies.secagg import wire
 from fedstack.strategies.secagg.mod import REFUSED_CODE, SECAGG_RECORD, STATE_RECORD, secagg_mod
-from fedstack.strategies.secagg.strategy import PHASE_UNMASK
 from fedstack.task.models import build_model
 from tests.inprocess_grid import InProcessGrid
 
@@ -31,8 +30,17 @@ class Logs:
 
 
 def _cfg(tmp_path: Path, aggregation: str, *extra: str):
-    return compose_config(["task=breast_cancer", f"aggregation={aggregation}", "partition=iid",
-                           f"num_clients={NUM_CLIENTS}", "num_rounds=3", f"output_dir={tmp_path}", *extra])
+    return compose_config(
+        [
+            "task=breast_cancer",
+            f"aggregation={aggregation}",
+            "partition=iid",
+            f"num_clients={NUM_CLIENTS}",
+            "num_rounds=3",
+            f"output_dir={tmp_path}",
+            *extra,
+        ]
+    )
 
 
 def _run(cfg, tmp_path: Path, rounds: int = 1, hook=None):
@@ -43,8 +51,9 @@ def _run(cfg, tmp_path: Path, rounds: int = 1, hook=None):
     initial = ArrayRecord(model.state_dict())
     config = ConfigRecord({CONFIG_MESSAGE_KEY: config_to_yaml(cfg)})
     logs = Logs()
-    result = strategy.start(grid, initial, num_rounds=rounds, train_config=config,
-                            evaluate_config=config, recorder=logs)
+    result = strategy.start(
+        grid, initial, num_rounds=rounds, train_config=config, evaluate_config=config, recorder=logs
+    )
     return strategy, result, logs, grid, initial
 
 
@@ -54,11 +63,13 @@ def _flat(arrays: ArrayRecord) -> np.ndarray:
 
 def _drop_at(node_index: int, phase_key: str, message_type: str = MessageType.TRAIN):
     """Reply hook: the node's reply to requests carrying `phase_key` is lost."""
+
     def hook(node, request, reply):
         if node != 101 + node_index or request.metadata.message_type != message_type:
             return reply
         parts = request.content.config_records.get(SECAGG_RECORD)
         return None if parts is not None and phase_key in parts else reply
+
     return hook
 
 
@@ -74,14 +85,18 @@ def test_masked_round_matches_plain_fedavg_and_counts_exchanges(tmp_path):
     assert first.extra["secagg"]["survivors"] == NUM_CLIENTS
     # no reply to the server ever carried plaintext weights or n_k
     for msg in grid.sent:
-        assert msg.metadata.message_type != MessageType.TRAIN or "arrays" not in msg.content \
+        assert (
+            msg.metadata.message_type != MessageType.TRAIN
+            or "arrays" not in msg.content
             or SECAGG_RECORD in msg.content.config_records
+        )
 
 
 @pytest.mark.parametrize("phase_key", [wire.SHARE_REQ, wire.MASK_REQ, wire.UNMASK_REQ])
 def test_dropout_mid_round_completes(tmp_path, phase_key):
-    strategy, result, logs, _, initial = _run(_cfg(tmp_path, "secagg"), tmp_path, rounds=2,
-                                              hook=_drop_at(1, phase_key))
+    _, result, logs, _, initial = _run(
+        _cfg(tmp_path, "secagg"), tmp_path, rounds=2, hook=_drop_at(1, phase_key)
+    )
     assert all(log.aborted is None for log in logs.rounds)
     assert not np.array_equal(_flat(result.arrays), _flat(initial))
     survivors = [log.extra["secagg"]["survivors"] for log in logs.rounds]
@@ -91,10 +106,14 @@ def test_dropout_mid_round_completes(tmp_path, phase_key):
 def test_dropped_train_reply_gives_the_survivors_mean(tmp_path):
     def hook(node, request, reply):  # node 103 loses its reply to the model-carrying message
         return None if node == 103 and "arrays" in request.content.array_records else reply
+
     _, plain, _, _, _ = _run(_cfg(tmp_path, "fedavg"), tmp_path / "p", hook=hook)
     strategy, masked, logs, _, _ = _run(_cfg(tmp_path, "secagg"), tmp_path / "s", hook=hook)
     assert logs.rounds[0].extra["secagg"]["dropped"] == [103]
-    assert np.abs(_flat(masked.arrays) - _flat(plain.arrays)).max() <= strategy.params.codec.error_bound + 1e-6
+    assert (
+        np.abs(_flat(masked.arrays) - _flat(plain.arrays)).max()
+        <= strategy.params.codec.error_bound + 1e-6
+    )
 
 
 def test_below_threshold_aborts_and_keeps_the_model(tmp_path):
@@ -103,25 +122,45 @@ def test_below_threshold_aborts_and_keeps_the_model(tmp_path):
         if node in (101, 102) and parts is not None and wire.MASK_REQ in parts:
             return None
         return reply
+
     _, result, logs, _, initial = _run(_cfg(tmp_path, "secagg"), tmp_path, hook=hook)
     assert "aborted" in logs.rounds[0].aborted and "below t=3" in logs.rounds[0].aborted
     assert np.array_equal(_flat(result.arrays), _flat(initial))
 
 
-def test_unmask_exchange_uses_the_stage_timeout(tmp_path):
-    strategy, _, logs, grid, _ = _run(_cfg(tmp_path, "secagg", "aggregation.stage_timeout=7"), tmp_path)
-    assert PHASE_UNMASK in logs.rounds[0].seconds
+def test_protocol_exchanges_use_the_stage_timeout(tmp_path, monkeypatch):
+    timeouts: list[tuple[bool, float]] = []
+    original = InProcessGrid.send_and_receive
+
+    def recording(self, messages, *, timeout=None):
+        messages = list(messages)
+        carries_model = any("arrays" in m.content.array_records for m in messages)
+        timeouts.append((carries_model, timeout))
+        return original(self, messages, timeout=timeout)
+
+    monkeypatch.setattr(InProcessGrid, "send_and_receive", recording)
+    _run(_cfg(tmp_path, "secagg", "aggregation.stage_timeout=7", "round_timeout=99"), tmp_path)
+    stages = [t for model, t in timeouts if not model]
+    assert len(stages) == 3 and set(stages) == {7.0}  # advertise, share, unmask
+    assert {t for model, t in timeouts if model} == {99.0}  # train and evaluate
 
 
 def _context(node_id: int = 5) -> Context:
-    return Context(run_id=1, node_id=node_id, node_config={"partition-id": 0, "num-partitions": 2},
-                   state=RecordDict(), run_config={})
+    return Context(
+        run_id=1,
+        node_id=node_id,
+        node_config={"partition-id": 0, "num-partitions": 2},
+        state=RecordDict(),
+        run_config={},
+    )
 
 
 def _train_message(cfg, secagg: dict | None) -> Message:
     model = build_model("tabular_mlp", (30,), 2, seed=0)
-    content = {"arrays": ArrayRecord(model.state_dict()),
-               "config": ConfigRecord({CONFIG_MESSAGE_KEY: config_to_yaml(cfg), "server-round": 1})}
+    content = {
+        "arrays": ArrayRecord(model.state_dict()),
+        "config": ConfigRecord({CONFIG_MESSAGE_KEY: config_to_yaml(cfg), "server-round": 1}),
+    }
     if secagg is not None:
         content[SECAGG_RECORD] = ConfigRecord(secagg)
     return Message(RecordDict(content), dst_node_id=5, message_type=MessageType.TRAIN)
@@ -135,7 +174,9 @@ def test_mod_refuses_plaintext_train_and_malformed_requests(tmp_path):
     cfg = _cfg(tmp_path, "secagg")
     ctx = _context()
     reply = secagg_mod(_train_message(cfg, None), ctx, _never_called)
-    assert reply.has_error() and reply.error.code == REFUSED_CODE and "unmasked" in reply.error.reason
+    assert (
+        reply.has_error() and reply.error.code == REFUSED_CODE and "unmasked" in reply.error.reason
+    )
     # advertise works and stores state; a malformed share request is refused, state kept
     reply = secagg_mod(_train_message(cfg, {wire.ADVERTISE_REQ: 1}), ctx, _never_called)
     assert not reply.has_error() and wire.ADVERT in reply.content.config_records[SECAGG_RECORD]
@@ -148,3 +189,17 @@ def test_mod_refuses_plaintext_train_and_malformed_requests(tmp_path):
     mreq = {wire.MASK_REQ: 2, "mreq.shared": b"", "mreq.senders": b"", "mreq.cts": b""}
     reply = secagg_mod(_train_message(cfg, mreq), ctx, _never_called)
     assert reply.has_error() and "round" in reply.error.reason
+
+
+def test_node_with_lost_reply_sits_one_round_out_without_extra_exchanges(tmp_path):
+    def hook(node, request, reply):
+        parts = request.content.config_records.get(SECAGG_RECORD)
+        lost = node == 103 and parts is not None and parts.get(wire.MASK_REQ) == 1
+        return None if lost else reply
+
+    _, _, logs, _, _ = _run(_cfg(tmp_path, "secagg"), tmp_path, rounds=3, hook=hook)
+    facts = [(log.extra["secagg"]["participants"], log.exchanges) for log in logs.rounds]
+    # round 1 sets up (4 protocol exchanges + evaluate); 103's masked input (and its keys for
+    # round 2) are lost, so it sits round 2 out and rejoins in round 3 -- never an extra exchange
+    assert facts == [(4, 5), (3, 3), (4, 3)]
+    assert logs.rounds[0].extra["secagg"]["dropped"] == [103]

@@ -23,8 +23,13 @@ class AeadError(ValueError):
 
 def associated_data(purpose: str, round_num: int, sender: int, receiver: int) -> bytes:
     """Fixed-width encoding of the context a share ciphertext is bound to."""
-    return (purpose.encode() + b"|" + round_num.to_bytes(8, "big")
-            + sender.to_bytes(8, "big") + receiver.to_bytes(8, "big"))
+    return (
+        purpose.encode()
+        + b"|"
+        + round_num.to_bytes(8, "big")
+        + sender.to_bytes(8, "big")
+        + receiver.to_bytes(8, "big")
+    )
 
 
 def seal(key: bytes, plaintext: bytes, ad: bytes) -> bytes:
@@ -45,5 +50,7 @@ def open_sealed(key: bytes, ciphertext: bytes, ad: bytes) -> bytes:
     try:
         return AESGCM(key).decrypt(nonce, body, ad)
     except InvalidTag as exc:
-        raise AeadError("share ciphertext failed authentication "
-                        "(tampered, replayed from another round/party, or wrong key)") from exc
+        raise AeadError(
+            "share ciphertext failed authentication "
+            "(tampered, replayed from another round/party, or wrong key)"
+        ) from exc

@@ -43,8 +43,10 @@ class KeyPair:
 
 def _check_len(data: bytes, what: str) -> bytes:
     if not isinstance(data, bytes | bytearray) or len(data) != KEY_BYTES:
-        raise ValueError(f"{what} must be {KEY_BYTES} bytes, got {type(data).__name__} "
-                         f"of length {len(data) if hasattr(data, '__len__') else '?'}")
+        raise ValueError(
+            f"{what} must be {KEY_BYTES} bytes, got {type(data).__name__} "
+            f"of length {len(data) if hasattr(data, '__len__') else '?'}"
+        )
     return bytes(data)
 
 
@@ -67,13 +69,33 @@ def context_info(purpose: str, round_num: int, ids: tuple[int, ...]) -> bytes:
 
 def derive_key(secret: bytes, purpose: str, round_num: int, ids: tuple[int, ...]) -> bytes:
     """HKDF-SHA256 over the full 256-bit secret, bound to purpose, round and party ids."""
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=HKDF_SALT,
-                info=context_info(purpose, round_num, ids))
+    hkdf = HKDF(
+        algorithm=hashes.SHA256(),
+        length=KEY_BYTES,
+        salt=HKDF_SALT,
+        info=context_info(purpose, round_num, ids),
+    )
     return hkdf.derive(_check_len(secret, "shared secret"))
 
 
-def pair_key(private: bytes, peer_public: bytes, purpose: str, round_num: int,
-             id_a: int, id_b: int) -> bytes:
+def pair_keys(
+    private: bytes, own_id: int, peers: dict[int, bytes], purpose: str, round_num: int
+) -> dict[int, bytes]:
+    """:func:`pair_key` with every peer (id -> public key); parses the private key once."""
+    sk = X25519PrivateKey.from_private_bytes(_check_len(private, "private key"))
+    out = {}
+    for peer, public in peers.items():
+        secret = sk.exchange(
+            X25519PublicKey.from_public_bytes(_check_len(public, "peer public key"))
+        )
+        lo, hi = sorted((int(own_id), int(peer)))
+        out[peer] = derive_key(secret, purpose, round_num, (lo, hi))
+    return out
+
+
+def pair_key(
+    private: bytes, peer_public: bytes, purpose: str, round_num: int, id_a: int, id_b: int
+) -> bytes:
     """Key shared by parties a and b: agreement + HKDF with the ids in canonical order.
 
     Sorting the ids makes both ends derive the same key without agreeing on who is "first".

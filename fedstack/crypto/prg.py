@@ -38,12 +38,15 @@ def expand_bytes(key: bytes, num_bytes: int, algorithm: str = "aes") -> bytes:
     return enc.update(bytes(num_bytes)) + enc.finalize()
 
 
-def expand(key: bytes, num_words: int, dtype: np.dtype | type = np.uint32,
-           algorithm: str = "aes") -> np.ndarray:
+def expand(
+    key: bytes, num_words: int, dtype: np.dtype | type = np.uint32, algorithm: str = "aes"
+) -> np.ndarray:
     """``num_words`` uniform unsigned words (uint32 or uint64), a read-only zero-copy view."""
     dt = np.dtype(dtype)
     if dt not in (np.dtype(np.uint32), np.dtype(np.uint64)):
         raise ValueError(f"PRG words must be uint32 or uint64, got {dt}")
     # Native little-endian view: the stream is uniform, so byte order does not matter for
     # uniformity, but fixing "<" keeps masks identical across platforms.
-    return np.frombuffer(expand_bytes(key, num_words * dt.itemsize, algorithm), dtype=dt.newbyteorder("<"))
+    return np.frombuffer(
+        expand_bytes(key, num_words * dt.itemsize, algorithm), dtype=dt.newbyteorder("<")
+    )

@@ -34,7 +34,9 @@ class QuantisationError(ValueError):
 def ring_dtype(bits: int) -> np.dtype:
     """Smallest unsigned word that holds Z_{2^bits}: uint32 up to 32 bits, else uint64."""
     if not MIN_RING_BITS <= bits <= MAX_RING_BITS:
-        raise QuantisationError(f"ring bits must be in [{MIN_RING_BITS}, {MAX_RING_BITS}], got {bits}")
+        raise QuantisationError(
+            f"ring bits must be in [{MIN_RING_BITS}, {MAX_RING_BITS}], got {bits}"
+        )
     return np.dtype(np.uint32) if bits <= 32 else np.dtype(np.uint64)
 
 
@@ -54,7 +56,8 @@ def auto_scale(bits: int, clip: float, max_clients: int, max_weight: int) -> flo
     if budget < 1:
         raise QuantisationError(
             f"ring of {bits} bits cannot hold the weight sum of max_clients={max_clients} "
-            f"clients of max_weight={max_weight}")
+            f"clients of max_weight={max_weight}"
+        )
     return 2.0 ** math.floor(math.log2(budget / clip))
 
 
@@ -100,7 +103,8 @@ class FixedPointCodec:
             raise QuantisationError(
                 f"sum can wrap: max_clients({self.max_clients}) * max_weight({self.max_weight}) * "
                 f"round(scale*clip)({self.max_level}) = {worst} >= 2^{self.bits - 1}; "
-                "lower scale/clip/max_clients or raise bits")
+                "lower scale/clip/max_clients or raise bits"
+            )
         if self.max_clients * self.max_weight >= half:
             raise QuantisationError(f"weight sum can wrap in {self.bits} bits")
 

@@ -28,7 +28,7 @@ LIMB_BITS = 31
 NUM_LIMBS = -(-SECRET_BYTES * 8 // LIMB_BITS)  # 9 limbs = 279 bits >= 256
 SHARE_BYTES = NUM_LIMBS * 4
 _P = np.uint64(PRIME)
-_LIMB_WEIGHTS = (np.uint64(1) << np.arange(LIMB_BITS, dtype=np.uint64))
+_LIMB_WEIGHTS = np.uint64(1) << np.arange(LIMB_BITS, dtype=np.uint64)
 _PAD_BITS = NUM_LIMBS * LIMB_BITS - SECRET_BYTES * 8
 
 
@@ -62,9 +62,11 @@ def limbs_to_secrets(limbs: np.ndarray) -> np.ndarray:
     lim = np.asarray(limbs, dtype=np.uint64)
     if (lim >> np.uint64(LIMB_BITS)).any():
         raise ShamirError("reconstructed limb exceeds 31 bits: shares are inconsistent")
-    bits = ((lim[:, :, None] >> np.arange(LIMB_BITS, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
+    bits = ((lim[:, :, None] >> np.arange(LIMB_BITS, dtype=np.uint64)) & np.uint64(1)).astype(
+        np.uint8
+    )
     bits = bits.reshape(lim.shape[0], NUM_LIMBS * LIMB_BITS)
-    if bits[:, SECRET_BYTES * 8:].any():
+    if bits[:, SECRET_BYTES * 8 :].any():
         raise ShamirError("reconstructed secret exceeds 256 bits: shares are inconsistent")
     return np.packbits(bits[:, : SECRET_BYTES * 8], axis=1, bitorder="little")
 

@@ -134,7 +134,10 @@ class BookKeepingClipper:
 
     # -- backward --------------------------------------------------------------------------
     def clipped_backward(self, per_sample_loss: Tensor) -> Tensor:
-        """One backward pass; stores sum_i min(1, C/||g_i||) g_i in each ``p.grad``.
+        """One backward pass; adds sum_i min(1, C/||g_i||) g_i to each ``p.grad``.
+
+        Like autograd, it accumulates: ``p.grad`` that is None is set, an existing one
+        (e.g. pre-filled with noise) is added to.
 
         Returns the per-example gradient norms before clipping (shape (B,)).
         """
@@ -188,9 +191,27 @@ class _RecordingScope:
 
 
 # -- per-layer formulas ----------------------------------------------------------------------
-def _set_grad(param: nn.Parameter | None, value: Tensor) -> None:
-    if param is not None and param.requires_grad:
-        param.grad = value.reshape(param.shape).to(param.dtype)
+# The clipped sums are *accumulated* into ``p.grad`` like autograd does: a caller that
+# pre-fills ``p.grad`` with noise (views of one flat buffer) gets noise + clipped sum with
+# in-place matrix products and no extra tensors per parameter.
+def _acc_mm(param: nn.Parameter | None, m1: Tensor, m2: Tensor) -> None:
+    """p.grad (viewed as m1 @ m2's shape) += m1 @ m2."""
+    if param is None or not param.requires_grad:
+        return
+    if param.grad is None:
+        param.grad = (m1 @ m2).reshape(param.shape)
+    else:
+        param.grad.view(m1.shape[0], m2.shape[1]).addmm_(m1, m2)
+
+
+def _acc_mv(param: nn.Parameter | None, mat: Tensor, vec: Tensor) -> None:
+    """p.grad (flattened) += mat @ vec."""
+    if param is None or not param.requires_grad:
+        return
+    if param.grad is None:
+        param.grad = (mat @ vec).reshape(param.shape)
+    else:
+        param.grad.view(-1).addmv_(mat, vec)
 
 
 def _wants(param: nn.Parameter | None) -> bool:
@@ -219,8 +240,8 @@ def _linear(module: nn.Linear, a: Tensor, g: Tensor) -> tuple[Tensor, _Finisher]
 
         def finish(c: Tensor) -> None:
             gc = g * c[:, None]
-            _set_grad(module.weight, gc.t() @ a)
-            _set_grad(module.bias, gc.sum(0))
+            _acc_mm(module.weight, gc.t(), a)
+            _acc_mv(module.bias, g.t(), c)
 
         return sq, finish
     # Sequence input (B, ..., d): treat the middle dims as T tokens (same algebra as conv).
@@ -275,7 +296,7 @@ def _token_layer(
 
         def finish_bias(c: Tensor) -> None:
             assert bias_g is not None
-            _set_grad(bias, c @ bias_g)
+            _acc_mv(bias, bias_g.t(), c)
 
         return sq, finish_bias
 
@@ -284,9 +305,9 @@ def _token_layer(
         sq = sq + per_sample.pow(2).sum((1, 2))
 
         def finish(c: Tensor) -> None:
-            _set_grad(weight, (c @ per_sample.reshape(batch, -1)))
+            _acc_mv(weight, per_sample.reshape(batch, -1).t(), c)
             if bias_g is not None:
-                _set_grad(bias, c @ bias_g)
+                _acc_mv(bias, bias_g.t(), c)
 
         return sq, finish
 
@@ -297,9 +318,9 @@ def _token_layer(
     def finish_ghost(c: Tensor) -> None:
         gc = (g * c[:, None, None]).permute(1, 0, 2).reshape(o_dim, batch * tokens)
         a_flat = a.permute(0, 2, 1).reshape(batch * tokens, p_dim)
-        _set_grad(weight, gc @ a_flat)
+        _acc_mm(weight, gc, a_flat)
         if bias_g is not None:
-            _set_grad(bias, c @ bias_g)
+            _acc_mv(bias, bias_g.t(), c)
 
     return sq, finish_ghost
 
@@ -318,8 +339,8 @@ def _group_norm(module: nn.GroupNorm, a: Tensor, g: Tensor) -> tuple[Tensor, _Fi
 
     def finish(c: Tensor) -> None:
         if w_ps is not None:
-            _set_grad(module.weight, c @ w_ps)
+            _acc_mv(module.weight, w_ps.t(), c)
         if b_ps is not None:
-            _set_grad(module.bias, c @ b_ps)
+            _acc_mv(module.bias, b_ps.t(), c)
 
     return sq, finish

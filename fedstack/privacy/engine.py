@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
 
+class DPSetupError(ValueError):
+    """DP cannot be set up for this client (e.g. δ not below 1/n_k); it should decline."""
+
+
 class BudgetExhaustedError(RuntimeError):
     """Raised by `make_private` when the round would exceed the budget."""
 
@@ -104,7 +108,7 @@ class LocalDP:
         n = self.plan.num_examples
         delta = self.settings.delta if self.settings.delta is not None else default_delta(n)
         if delta >= 1.0 / n:
-            raise ValueError(
+            raise DPSetupError(
                 f"dp.delta={delta:g} is not below 1/n_k={1.0 / n:g} for a client with {n} "
                 "examples: such a delta allows publishing a record outright; lower dp.delta "
                 "or leave it null"
@@ -238,6 +242,9 @@ class PrivateRound:
                 reduction="none"
             )
             self._wrapped: nn.Module = model
+            self._params = [p for p in model.parameters() if p.requires_grad]
+            self._numel = sum(p.numel() for p in self._params)
+            self._dtype = self._params[0].dtype if self._params else torch.float32
         else:
             self._clipper = None
             self._wrapped, self.optimizer, self._criterion = _opacus_private(
@@ -275,8 +282,16 @@ class PrivateRound:
     def _bk_step(self, xb: Tensor, yb: Tensor) -> float:
         clipper = self._clipper
         assert clipper is not None
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer.zero_grad(set_to_none=True)
+        # Noise first, into one flat buffer whose views become the gradients; the clipper
+        # then adds the clipped sum in place and one division scales everything.
+        std = self.noise_multiplier * self.max_grad_norm
+        flat = torch.normal(0.0, std, size=(self._numel,), generator=self.generator,
+                            dtype=self._dtype) if std > 0 else torch.zeros(
+                                self._numel, dtype=self._dtype)
+        offset = 0
+        for p in self._params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
         loss_sum = 0.0
         if len(yb):
             with clipper.recording():
@@ -284,14 +299,7 @@ class PrivateRound:
             losses = self._criterion(out, yb)
             clipper.clipped_backward(losses)
             loss_sum = float(losses.detach().sum())
-        std = self.noise_multiplier * self.max_grad_norm
-        for p in params:
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
-            if std > 0:
-                grad = grad + torch.normal(
-                    0.0, std, size=p.shape, generator=self.generator, dtype=p.dtype
-                )
-            p.grad = grad / self.expected_batch_size
+        flat.div_(self.expected_batch_size)
         self.optimizer.step()
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         return loss_sum

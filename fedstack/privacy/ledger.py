@@ -2,12 +2,13 @@
 
 Why on the server: clients account for themselves (only they know their data size and
 noise), but the run owner needs one place that says which layers were on, what the server
-could see, and how much ε each client has spent against its budget, and needs it to
-survive a server restart. The ledger only *records* clients' reports; it never computes
-ε itself, so a run's report is exactly what the clients enforced.
+could see, and how much ε each client has spent against its budget, and it must survive a
+server restart. The ledger only *records* clients' reports; it never computes ε itself, so
+the report shows exactly what the clients enforced.
 
-Files in the run directory: `privacy.json` (the ledger, reloadable: `PrivacyLedger.load`),
-`privacy_report.md` (for people) and `privacy_epsilon.png` (ε against rounds).
+It follows every run as a `RoundListener` of the run recorder (dp=none too: the report then
+says there is no DP). Files in the run directory: `privacy.json` (the ledger; reloaded on
+resume), `privacy_report.md` (for people) and `epsilon.png` (ε against rounds).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +25,18 @@ from fedstack.privacy.budget import BUDGET_EXHAUSTED_PREFIX
 
 LEDGER_FILE = "privacy.json"
 REPORT_FILE = "privacy_report.md"
-PLOT_FILE = "privacy_epsilon.png"
+PLOT_FILE = "epsilon.png"
 LEDGER_FORMAT = 1
+
+#: One line per aggregation: what that layer adds (the strategy's `visibility` says what
+#: the server then sees).
+AGGREGATION_LAYERS = {
+    "fedavg": "Federated averaging (weighted FedAvg): raw data never leaves a client",
+    "secagg": ("Secure aggregation (pairwise and self masks, Shamir-shared seeds): the server "
+               "learns only the sum of the surviving clients' updates"),
+    "he": ("CKKS homomorphic averaging: the server adds ciphertexts and never holds the "
+           "secret key"),
+}
 
 
 @dataclass
@@ -45,18 +56,57 @@ class ClientEntry:
         return self.declined and (self.reason or "").startswith(BUDGET_EXHAUSTED_PREFIX)
 
 
-@dataclass
 class PrivacyLedger:
     """Per-client ε over rounds, the run's privacy layers and what the server saw."""
 
-    run_dir: Path
-    layers: list[str] = field(default_factory=list)
-    visibility: str = ""
-    dp: dict[str, Any] = field(default_factory=dict)
-    num_clients: int | None = None
-    entries: list[ClientEntry] = field(default_factory=list)
-    rounds_closed: list[int] = field(default_factory=list)
-    stopped: str | None = None
+    def __init__(
+        self,
+        run_dir: str | Path,
+        cfg: Any = None,
+        strategy: Any = None,
+        resume: bool = False,
+        *,
+        layers: list[str] | None = None,
+        visibility: str | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.dp_name = str(cfg.dp.name) if cfg is not None else "local"
+        self.layers = layers if layers is not None else _layers_of(cfg)
+        self.visibility = visibility if visibility is not None else str(
+            getattr(strategy, "visibility", "") or "")
+        self.dp = _dp_settings_of(cfg)
+        self.num_clients = int(cfg.num_clients) if cfg is not None else None
+        self.entries: list[ClientEntry] = []
+        self.rounds_closed: list[int] = []
+        self.stopped: str | None = None
+        self._strategy = strategy
+        if resume and (self.run_dir / LEDGER_FILE).exists():
+            self._load()
+
+    # -- RoundListener ------------------------------------------------------------------
+    def on_round(self, record: dict[str, Any], round_log: Any) -> None:
+        """Take a round's replies; add ε columns to its history row; write the files."""
+        server_round = int(round_log.server_round)
+        for node, metrics in round_log.client_metrics.items():
+            if "epsilon" not in metrics and node not in round_log.declined:
+                continue
+            client = round_log.client_partitions.get(node, metrics.get("partition-id", node))
+            self.record_reply(server_round, _client_name(client), metrics,
+                              reason=round_log.declined.get(node))
+        if server_round not in self.rounds_closed:
+            self.rounds_closed.append(server_round)
+        record.update(self.round_columns(server_round))
+        self.write()
+
+    def summary_fields(self) -> dict[str, Any]:
+        """Fields for summary.json."""
+        return self.summary()
+
+    def finish(self) -> None:
+        stop = getattr(self._strategy, "stop_reason", None)
+        if stop:
+            self.stopped = str(stop)
+        self.write()
 
     # -- recording ------------------------------------------------------------------------
     def record_reply(
@@ -72,7 +122,7 @@ class PrivacyLedger:
             client=str(client),
             epsilon=_finite_or_none(metrics.get("epsilon")),
             delta=_finite_or_none(metrics.get("delta")),
-            declined=bool(int(metrics.get("declined", 0) or 0)),
+            declined=bool(int(metrics.get("declined", 0) or 0)) or reason is not None,
             reason=reason,
             budget=_finite_or_none(metrics.get("epsilon-budget")),
         )
@@ -93,13 +143,6 @@ class PrivacyLedger:
             reason = str(content.config_records["decline"].get("reason", ""))
         return self.record_reply(server_round, client, metrics, reason)
 
-    def close_round(self, server_round: int) -> dict[str, Any]:
-        """Mark a round complete, write the files, and return its history columns."""
-        if server_round not in self.rounds_closed:
-            self.rounds_closed.append(int(server_round))
-        self.write()
-        return self.round_columns(server_round)
-
     def mark_stopped(self, reason: str) -> None:
         self.stopped = reason
         self.write()
@@ -113,7 +156,7 @@ class PrivacyLedger:
                 continue
             if e.client not in latest or e.server_round >= latest[e.client][0]:
                 latest[e.client] = (e.server_round, e.epsilon)
-        return {c: v for c, (_, v) in sorted(latest.items())}
+        return {c: v for c, (_, v) in sorted(latest.items(), key=lambda kv: client_sort_key(kv[0]))}
 
     def exhausted_clients(self) -> set[str]:
         """Clients whose latest reply declined because the budget is spent."""
@@ -123,7 +166,7 @@ class PrivacyLedger:
         return {c for c, e in last.items() if e.exhausted}
 
     def all_exhausted(self, num_clients: int | None = None) -> bool:
-        """True when every client of the run has run out of budget (stop the run)."""
+        """True when every client of the run has run out of budget."""
         total = num_clients if num_clients is not None else self.num_clients
         exhausted = self.exhausted_clients()
         if total is None:
@@ -132,17 +175,20 @@ class PrivacyLedger:
         return len(exhausted) >= total
 
     def round_columns(self, server_round: int) -> dict[str, Any]:
-        """ε columns for history.jsonl after `server_round`."""
+        """ε columns for history.jsonl after `server_round`.
+
+        `epsilon_max` is the largest ε any client has spent so far (a client not sampled
+        this round still counts with its last report); `epsilon_per_client` likewise.
+        """
         latest = self.latest_epsilon(server_round)
         this_round = [e for e in self.entries if e.server_round == server_round]
         return {
             "epsilon_max": max(latest.values()) if latest else None,
             "epsilon_per_client": latest,
-            "dp_declined": sorted(e.client for e in this_round if e.declined),
+            "dp_exhausted": sorted((e.client for e in this_round if e.exhausted), key=client_sort_key),
         }
 
     def summary(self) -> dict[str, Any]:
-        """Fields for summary.json."""
         latest = self.latest_epsilon()
         deltas = sorted({e.delta for e in self.entries if e.delta is not None})
         budgets = sorted({e.budget for e in self.entries if e.budget is not None})
@@ -151,17 +197,17 @@ class PrivacyLedger:
             "epsilon_per_client": latest,
             "delta_max": deltas[-1] if deltas else None,
             "epsilon_budget": budgets[0] if len(budgets) == 1 else (budgets or None),
-            "clients_exhausted": sorted(self.exhausted_clients()),
-            "stopped_early": self.stopped,
+            "clients_exhausted": sorted(self.exhausted_clients(), key=client_sort_key),
         }
 
     # -- persistence ----------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         return {
             "format": LEDGER_FORMAT,
+            "dp": self.dp_name,
+            "dp_settings": self.dp,
             "layers": self.layers,
             "visibility": self.visibility,
-            "dp": self.dp,
             "num_clients": self.num_clients,
             "rounds_closed": self.rounds_closed,
             "stopped": self.stopped,
@@ -179,46 +225,68 @@ class PrivacyLedger:
         tmp.write_text(json.dumps(self.to_json(), indent=2, allow_nan=False))
         os.replace(tmp, path)
         write_report(self, self.run_dir / REPORT_FILE)
-        write_plot(self, self.run_dir / PLOT_FILE)
+        if self.dp_name == "local":
+            write_plot(self, self.run_dir / PLOT_FILE)
+
+    def _load(self) -> None:
+        data = json.loads((self.run_dir / LEDGER_FILE).read_text())
+        if data.get("format") != LEDGER_FORMAT:
+            raise ValueError(f"{self.run_dir / LEDGER_FILE}: unknown format {data.get('format')!r}")
+        self.entries = [ClientEntry(**e) for e in data.get("entries", [])]
+        self.rounds_closed = [int(r) for r in data.get("rounds_closed", [])]
+        self.stopped = data.get("stopped")
+        # Rounds that were in flight when the server stopped are re-run: drop their entries.
+        last = max(self.rounds_closed, default=0)
+        self.entries = [e for e in self.entries if e.server_round <= last]
 
     @classmethod
     def load(cls, run_dir: str | Path) -> PrivacyLedger:
-        """Reload a ledger from a run directory (resume after a server restart)."""
+        """A ledger reloaded from a run directory's privacy.json (no config needed)."""
         run_dir = Path(run_dir)
         data = json.loads((run_dir / LEDGER_FILE).read_text())
-        if data.get("format") != LEDGER_FORMAT:
-            raise ValueError(f"{run_dir / LEDGER_FILE}: unknown format {data.get('format')!r}")
-        return cls(
-            run_dir=run_dir,
-            layers=list(data.get("layers", [])),
-            visibility=str(data.get("visibility", "")),
-            dp=dict(data.get("dp", {})),
-            num_clients=data.get("num_clients"),
-            entries=[ClientEntry(**e) for e in data.get("entries", [])],
-            rounds_closed=[int(r) for r in data.get("rounds_closed", [])],
-            stopped=data.get("stopped"),
+        ledger = cls(run_dir, layers=list(data.get("layers", [])),
+                     visibility=str(data.get("visibility", "")), resume=True)
+        ledger.dp_name = str(data.get("dp", "local"))
+        ledger.dp = dict(data.get("dp_settings", {}))
+        ledger.num_clients = data.get("num_clients")
+        return ledger
+
+
+def _layers_of(cfg: Any) -> list[str]:
+    if cfg is None:
+        return []
+    aggregation = str(cfg.aggregation.name)
+    layers = [AGGREGATION_LAYERS.get(aggregation, f"aggregation={aggregation}")]
+    if aggregation != "fedavg":
+        layers.insert(0, AGGREGATION_LAYERS["fedavg"])
+    if str(cfg.dp.name) == "local":
+        dp = cfg.dp
+        noise = (f"noise multiplier {dp.noise_multiplier}" if dp.noise_multiplier is not None
+                 else f"noise derived per client for target ε={dp.target_epsilon} over "
+                      f"{cfg.num_rounds} rounds")
+        layers.append(
+            f"DP-SGD on every client (example-level): clipping C={dp.max_grad_norm}, {noise}, "
+            f"Poisson sampling, {dp.accountant.upper()} accountant accumulated over all "
+            f"rounds, per-sample clipping mode '{dp.grad_sample_mode}'"
         )
+    else:
+        layers.append("No differential privacy: the model and the updates carry no formal "
+                      "per-record guarantee (ε is unbounded)")
+    return layers
 
-    @classmethod
-    def open(cls, run_dir: str | Path, **kwargs: Any) -> PrivacyLedger:
-        """Load the run's ledger if it exists (resume), else start a new one."""
-        run_dir = Path(run_dir)
-        if (run_dir / LEDGER_FILE).exists():
-            ledger = cls.load(run_dir)
-            for key, value in kwargs.items():  # descriptions may be refreshed
-                if value is not None:
-                    setattr(ledger, key, value)
-            return ledger
-        return cls(run_dir=run_dir, **kwargs)
 
-    def forget_after(self, server_round: int) -> None:
-        """Drop entries of rounds after `server_round` (resuming from an older checkpoint).
+def _dp_settings_of(cfg: Any) -> dict[str, Any]:
+    if cfg is None:
+        return {}
+    from omegaconf import OmegaConf
 
-        Clients' own accountants still count those rounds' steps; the next replies report
-        the higher ε, so the ledger stays an under-statement only until then.
-        """
-        self.entries = [e for e in self.entries if e.server_round <= server_round]
-        self.rounds_closed = [r for r in self.rounds_closed if r <= server_round]
+    return dict(OmegaConf.to_container(cfg.dp, resolve=True))  # type: ignore[arg-type]
+
+
+def _client_name(client: Any) -> str:
+    if isinstance(client, float) and client.is_integer():
+        return str(int(client))
+    return str(client)
 
 
 def _finite_or_none(value: Any) -> float | None:
@@ -229,6 +297,11 @@ def _finite_or_none(value: Any) -> float | None:
     except (TypeError, ValueError):
         return None
     return out if math.isfinite(out) else None
+
+
+def client_sort_key(client: str) -> tuple[int, int, str]:
+    """Numeric client names (partition ids) in numeric order, others after them."""
+    return (0, int(client), "") if client.isdigit() else (1, 0, client)
 
 
 def entries_by_round(entries: Iterable[ClientEntry]) -> dict[int, dict[str, ClientEntry]]:

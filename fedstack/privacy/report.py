@@ -30,14 +30,22 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 
 
 def render_report(ledger: PrivacyLedger) -> str:
-    from fedstack.privacy.ledger import entries_by_round
+    from fedstack.privacy.ledger import client_sort_key, entries_by_round
 
     summary = ledger.summary()
-    clients = sorted({e.client for e in ledger.entries}, key=_client_key)
+    clients = sorted({e.client for e in ledger.entries}, key=client_sort_key)
     lines = ["# Privacy report", ""]
     lines += ["## Layers on", ""]
     lines += [f"- {layer}" for layer in ledger.layers] or ["- (none recorded)"]
     lines += ["", "## What the server could see", "", ledger.visibility or "(not recorded)", ""]
+    if ledger.dp_name != "local":
+        lines += ["## Differential privacy", "",
+                  f"dp={ledger.dp_name}: clients train without DP-SGD, so no ε is accounted "
+                  "and nothing bounds what the released model or updates reveal about one "
+                  "record.", ""]
+        if ledger.stopped:
+            lines += [f"**Run stopped early**: {ledger.stopped}", ""]
+        return "\n".join(lines)
     if ledger.dp:
         lines += ["## Differential privacy settings", ""]
         lines += [f"- `{k}`: {v}" for k, v in ledger.dp.items()]
@@ -71,7 +79,7 @@ def render_report(ledger: PrivacyLedger) -> str:
     else:
         lines.append("(no client reported yet)")
     reasons = sorted({(e.client, e.reason) for e in ledger.entries if e.declined and e.reason},
-                     key=lambda cr: _client_key(cr[0]))
+                     key=lambda cr: client_sort_key(cr[0]))
     if reasons:
         lines += ["", "## Declines", ""]
         lines += [f"- client {c}: {r}" for c, r in reasons]
@@ -91,7 +99,9 @@ def write_plot(ledger: PrivacyLedger, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    clients = sorted({e.client for e in ledger.entries}, key=_client_key)
+    from fedstack.privacy.ledger import client_sort_key
+
+    clients = sorted({e.client for e in ledger.entries}, key=client_sort_key)
     for c in clients:
         points = sorted((e.server_round, e.epsilon) for e in ledger.entries
                         if e.client == c and e.epsilon is not None)
@@ -110,7 +120,3 @@ def write_plot(ledger: PrivacyLedger, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _client_key(client: str) -> tuple[int, str]:
-    return (0, f"{int(client):012d}") if client.isdigit() else (1, client)

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedstack.privacy.accountant_state import PrivacyState
-from fedstack.privacy.engine import LocalDP
+from fedstack.privacy.engine import DPSetupError, LocalDP
 from fedstack.privacy.settings import LocalDPSettings
 from fedstack.task.training import TrainOutcome, make_optimizer
 
@@ -58,7 +58,13 @@ class DPTrainer:
         )
 
     def train(self, model: nn.Module, data: TensorDataset, server_round: int) -> TrainOutcome:
-        session = self.session(len(data))
+        try:
+            session = self.session(len(data))
+        except DPSetupError as exc:
+            # A setting this client can never satisfy: decline (for good), do not crash.
+            log.warning("round %s declined: %s", server_round, exc)
+            return TrainOutcome(num_examples=0, train_loss=float("nan"), metrics={},
+                                declined=f"DP cannot run on this client: {exc}")
         decision = session.check_budget()
         if not decision.allowed:
             log.info("round %s declined: %s", server_round, decision.reason)

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from flwr.app import Context, Error, Message, MessageType
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType
 
 from fedstack.config import config_from_message, settings_of
 from fedstack.log import logger
-from fedstack.strategies.he.ckks import CiphertextError, decrypt_mean, encrypt_update
-from fedstack.strategies.he.keys import HEKeyError
+from fedstack.strategies.he.ckks import (
+    CiphertextError,
+    EncryptedVector,
+    decrypt_mean,
+    encrypt_update,
+)
+from fedstack.strategies.he.keys import HEKeyError, SecretContext
 from fedstack.strategies.he.provisioning import client_secret_context
 from fedstack.strategies.he.records import (
     ArrayLayout,
@@ -32,6 +37,8 @@ from fedstack.strategies.reply_validation import NUM_EXAMPLES_KEY
 HE_KEY_ERROR_CODE = 4020
 HE_CIPHERTEXT_ERROR_CODE = 4021
 HE_ENCRYPT_ERROR_CODE = 4022
+#: Node-state key of the last decrypted global model (ArrayRecord + ConfigRecord digest).
+PLAIN_CACHE_KEY = "fedstack.he.plain"
 
 CallNext = Callable[[Message, Context], Message]
 
@@ -39,6 +46,27 @@ CallNext = Callable[[Message, Context], Message]
 def _error(msg: Message, code: int, reason: str) -> Message:
     logger.error("HE: %s", reason)
     return Message(Error(code=code, reason=reason), reply_to=msg)
+
+
+def _decrypted(context: Context, ctx: SecretContext, encrypted: EncryptedVector,
+               layout: ArrayLayout, scale_bits: int, max_weight: int) -> ArrayRecord:
+    """The plaintext global model, decrypted once per aggregate.
+
+    A node usually gets the same aggregate twice (evaluate after round r, train in round
+    r+1), so the last decrypted model is kept in the node's own state, keyed by the
+    ciphertexts' digest. It never leaves the node.
+    """
+    digest = encrypted.digest() + ":" + ctx.fingerprint
+    cached = context.state.config_records.get(PLAIN_CACHE_KEY)
+    if cached is not None and cached.get("digest") == digest:
+        cached_arrays = context.state.array_records.get(PLAIN_CACHE_KEY)
+        if cached_arrays is not None:
+            return ArrayRecord({k: cached_arrays[k] for k in cached_arrays})
+    mean = decrypt_mean(ctx, encrypted, scale_bits=scale_bits, max_weight=max_weight)
+    plain = layout.unflatten(mean.mean)
+    context.state.array_records[PLAIN_CACHE_KEY] = plain
+    context.state.config_records[PLAIN_CACHE_KEY] = ConfigRecord({"digest": digest})
+    return ArrayRecord({k: plain[k] for k in plain})
 
 
 def he_mod(msg: Message, context: Context, call_next: CallNext) -> Message:
@@ -65,9 +93,8 @@ def he_mod(msg: Message, context: Context, call_next: CallNext) -> Message:
     if is_encrypted_model(arrays):
         try:
             encrypted, layout = model_from_record(arrays)
-            mean = decrypt_mean(ctx, encrypted, scale_bits=scale_bits,
-                                max_weight=int(settings.max_weight))
-            content.array_records["arrays"] = layout.unflatten(mean.mean)
+            content.array_records["arrays"] = _decrypted(context, ctx, encrypted, layout,
+                                                        scale_bits, int(settings.max_weight))
         except (CiphertextError, HEKeyError, ValueError) as exc:
             return _error(msg, HE_CIPHERTEXT_ERROR_CODE,
                           f"cannot decrypt the global model: {exc}")

@@ -138,8 +138,12 @@ class HEFedAvg(WeightedFedAvg):
     # ------------------------------------------------------------------ aggregation
 
     def check_train_reply(self, msg: Message, spec: ArraySpec | None,
-                          metrics: dict[str, float]) -> ValidReply:
-        """Validate an encrypted reply and add it to the running sum (or reject it whole)."""
+                          metrics: dict[str, float], check_finite: bool = True) -> ValidReply:
+        """Validate an encrypted reply and add it to the running sum (or reject it whole).
+
+        `spec`/`check_finite` concern plaintext arrays and do not apply: what arrives is
+        ciphertext, validated by `EncryptedSum.add`.
+        """
         if self._sum is None:
             raise InvalidReply("no aggregation in progress")
         content = msg.content

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from fedstack.crypto.aead import AeadError, associated_data, open_sealed, seal
-from fedstack.crypto.keys import KEY_BYTES, KeyPair, derive_key, pair_key
+from fedstack.crypto.keys import KEY_BYTES, KeyPair, derive_key, pair_keys
 from fedstack.crypto.prg import expand
 from fedstack.crypto.quantise import ring_reduce
 from fedstack.crypto.shamir import SECRET_BYTES, SHARE_BYTES, split
@@ -110,11 +110,15 @@ class SecAggClient:
     def _record(self, round_num: int, stage: str, action: str) -> RoundRecord:
         rec = self.state.rounds.get(str(round_num))
         if rec is None:
-            raise ProtocolViolation(f"node {self.node}: {action} for round {round_num} refused: "
-                                    "no open round (stale, replayed or never advertised)")
+            raise ProtocolViolation(
+                f"node {self.node}: {action} for round {round_num} refused: "
+                "no open round (stale, replayed or never advertised)"
+            )
         if rec.stage != stage:
-            raise ProtocolViolation(f"node {self.node}: {action} for round {round_num} refused: "
-                                    f"round is at stage '{rec.stage}', expected '{stage}' (replay?)")
+            raise ProtocolViolation(
+                f"node {self.node}: {action} for round {round_num} refused: "
+                f"round is at stage '{rec.stage}', expected '{stage}' (replay?)"
+            )
         return rec
 
     def _close_before(self, round_num: int) -> None:
@@ -125,14 +129,26 @@ class SecAggClient:
 
     # -- stage 0: advertise ------------------------------------------------------------
     def advertise(self, round_num: int) -> Advert:
-        """Fresh key pairs for ``round_num`` (never reused: one record per round, created once)."""
-        if round_num <= self.state.closed_through or str(round_num) in self.state.rounds:
-            raise ProtocolViolation(f"node {self.node}: keys for round {round_num} were already "
-                                    "advertised or the round is closed")
+        """Fresh key pairs for ``round_num``; asked again before sharing (the first reply was
+        lost), it repeats the same public keys -- no private key has been used yet."""
+        rec = self.state.rounds.get(str(round_num))
+        if rec is not None and rec.stage == REC_ADVERTISED:
+            return Advert(
+                self.node,
+                round_num,
+                KeyPair.from_private(_unb64(rec.enc_sk)).public,
+                KeyPair.from_private(_unb64(rec.mask_sk)).public,
+            )
+        if round_num <= self.state.closed_through or rec is not None:
+            raise ProtocolViolation(
+                f"node {self.node}: keys for round {round_num} were already "
+                "used or the round is closed"
+            )
         self._close_before(round_num - 1)
         enc, mask = KeyPair.generate(), KeyPair.generate()
         self.state.rounds[str(round_num)] = RoundRecord(
-            stage=REC_ADVERTISED, enc_sk=_b64(enc.private), mask_sk=_b64(mask.private))
+            stage=REC_ADVERTISED, enc_sk=_b64(enc.private), mask_sk=_b64(mask.private)
+        )
         return Advert(self.node, round_num, enc.public, mask.public)
 
     # -- stage 1: share ----------------------------------------------------------------
@@ -148,14 +164,23 @@ class SecAggClient:
             t = self.params.round_threshold(n)
         except ValueError as exc:
             raise ProtocolViolation(f"node {self.node}: refusing round with n={n}: {exc}") from exc
-        nbrs = graph.neighbours(req.seed, req.round_num, participants, self.params.degree(n))[self.node]
+        nbrs = graph.neighbours(req.seed, req.round_num, participants, self.params.degree(n))[
+            self.node
+        ]
         expected = sorted([*nbrs, self.node])
         if sorted(int(k) for k in req.keys) != expected:
-            raise ProtocolViolation(f"node {self.node}: share request carries keys for the wrong "
-                                    "set of parties (not this node's neighbourhood)")
-        own = (KeyPair.from_private(_unb64(rec.enc_sk)).public, KeyPair.from_private(_unb64(rec.mask_sk)).public)
+            raise ProtocolViolation(
+                f"node {self.node}: share request carries keys for the wrong "
+                "set of parties (not this node's neighbourhood)"
+            )
+        own = (
+            KeyPair.from_private(_unb64(rec.enc_sk)).public,
+            KeyPair.from_private(_unb64(rec.mask_sk)).public,
+        )
         if tuple(req.keys[self.node]) != own:
-            raise ProtocolViolation(f"node {self.node}: share request misstates this node's own keys")
+            raise ProtocolViolation(
+                f"node {self.node}: share request misstates this node's own keys"
+            )
         seen: set[bytes] = set()
         for v in nbrs:
             enc_pk, mask_pk = req.keys[v]
@@ -167,8 +192,17 @@ class SecAggClient:
         index = {v: i + 1 for i, v in enumerate(participants)}
         holders = expected
         self_seed = os.urandom(SECRET_BYTES)  # b_u: fresh every round
-        secrets = np.frombuffer(self_seed + _unb64(rec.mask_sk), dtype=np.uint8).reshape(2, SECRET_BYTES)
+        secrets = np.frombuffer(self_seed + _unb64(rec.mask_sk), dtype=np.uint8).reshape(
+            2, SECRET_BYTES
+        )
         shares = split(secrets, len(holders), t, np.array([index[h] for h in holders]))
+        enc_keys = pair_keys(
+            _unb64(rec.enc_sk),
+            self.node,
+            {v: req.keys[v][0] for v in nbrs},
+            PURPOSE_SHARE_ENC,
+            req.round_num,
+        )
         out: dict[int, bytes] = {}
         for col, h in enumerate(holders):
             body = shares[0, col].astype("<u4").tobytes() + shares[1, col].astype("<u4").tobytes()
@@ -176,8 +210,9 @@ class SecAggClient:
                 rec.shares[str(h)] = _b64(body)
                 continue
             header = b"".join(x.to_bytes(8, "big") for x in (self.node, h, req.round_num))
-            key = pair_key(_unb64(rec.enc_sk), req.keys[h][0], PURPOSE_SHARE_ENC, req.round_num, self.node, h)
-            out[h] = seal(key, header + body, associated_data(AD_SHARE, req.round_num, self.node, h))
+            out[h] = seal(
+                enc_keys[h], header + body, associated_data(AD_SHARE, req.round_num, self.node, h)
+            )
         rec.stage = REC_SHARED
         rec.threshold = t
         rec.self_seed = _b64(self_seed)
@@ -196,17 +231,28 @@ class SecAggClient:
             raise ProtocolViolation(f"node {self.node}: server says this node did not share")
         live = sorted(set(rec.neighbours) & set(shared))
         if sorted(int(s) for s in req.ciphertexts) != live:
-            raise ProtocolViolation(f"node {self.node}: routed ciphertexts do not match the "
-                                    "neighbours in U1 (missing, extra or duplicated senders)")
+            raise ProtocolViolation(
+                f"node {self.node}: routed ciphertexts do not match the "
+                "neighbours in U1 (missing, extra or duplicated senders)"
+            )
         if len(live) + 1 < rec.threshold:
-            raise ProtocolViolation(f"node {self.node}: only {len(live) + 1} parties of its "
-                                    f"neighbourhood shared, below t={rec.threshold}")
+            raise ProtocolViolation(
+                f"node {self.node}: only {len(live) + 1} parties of its "
+                f"neighbourhood shared, below t={rec.threshold}"
+            )
+        enc_keys = pair_keys(
+            _unb64(rec.enc_sk),
+            self.node,
+            {v: _unb64(rec.peer_enc_pk[str(v)]) for v in live},
+            PURPOSE_SHARE_ENC,
+            req.round_num,
+        )
         for v in live:
             ct = check_bytes(req.ciphertexts[v], SHARE_CIPHERTEXT_BYTES, f"ciphertext from {v}")
-            key = pair_key(_unb64(rec.enc_sk), _unb64(rec.peer_enc_pk[str(v)]), PURPOSE_SHARE_ENC,
-                           req.round_num, self.node, v)
             try:
-                pt = open_sealed(key, ct, associated_data(AD_SHARE, req.round_num, v, self.node))
+                pt = open_sealed(
+                    enc_keys[v], ct, associated_data(AD_SHARE, req.round_num, v, self.node)
+                )
             except AeadError as exc:
                 raise ProtocolViolation(f"node {self.node}: share from {v}: {exc}") from exc
             header = b"".join(x.to_bytes(8, "big") for x in (v, self.node, req.round_num))
@@ -215,12 +261,21 @@ class SecAggClient:
             rec.shares[str(v)] = _b64(pt[SHARE_HEADER_BYTES:])
         codec = self.params.codec
         words = codec.encode(values, weight)
-        words += expand(derive_key(_unb64(rec.self_seed), PURPOSE_SELF_MASK, req.round_num, (self.node,)),
-                        words.size, words.dtype, self.params.prg)
-        mask_sk = _unb64(rec.mask_sk)
+        words += expand(
+            derive_key(_unb64(rec.self_seed), PURPOSE_SELF_MASK, req.round_num, (self.node,)),
+            words.size,
+            words.dtype,
+            self.params.prg,
+        )
+        seeds = pair_keys(
+            _unb64(rec.mask_sk),
+            self.node,
+            {v: _unb64(rec.peer_mask_pk[str(v)]) for v in live},
+            PURPOSE_MASK,
+            req.round_num,
+        )
         for v in live:
-            seed = pair_key(mask_sk, _unb64(rec.peer_mask_pk[str(v)]), PURPOSE_MASK, req.round_num, self.node, v)
-            stream = expand(seed, words.size, words.dtype, self.params.prg)
+            stream = expand(seeds[v], words.size, words.dtype, self.params.prg)
             if self.node < v:
                 words += stream
             else:
@@ -244,23 +299,35 @@ class SecAggClient:
         reveal_key = check_id_list(req.reveal_key, "reveal_key")
         both = set(reveal_self) & set(reveal_key)
         if both:
-            raise ProtocolViolation(f"node {self.node}: refusing to reveal both the self-mask and "
-                                    f"the mask-key shares of parties {sorted(both)}")
+            raise ProtocolViolation(
+                f"node {self.node}: refusing to reveal both the self-mask and "
+                f"the mask-key shares of parties {sorted(both)}"
+            )
         if self.node not in reveal_self:
-            raise ProtocolViolation(f"node {self.node}: unmask request does not list this node as a survivor")
+            raise ProtocolViolation(
+                f"node {self.node}: unmask request does not list this node as a survivor"
+            )
         live = set(rec.neighbours) & set(rec.shared) | {self.node}
         if set(reveal_self) | set(reveal_key) != live:
-            raise ProtocolViolation(f"node {self.node}: unmask request does not partition its live "
-                                    "neighbourhood into survivors and dropped parties")
+            raise ProtocolViolation(
+                f"node {self.node}: unmask request does not partition its live "
+                "neighbourhood into survivors and dropped parties"
+            )
         if len(reveal_self) < rec.threshold:
-            raise ProtocolViolation(f"node {self.node}: {len(reveal_self)} survivors in its neighbourhood, "
-                                    f"below t={rec.threshold}")
+            raise ProtocolViolation(
+                f"node {self.node}: {len(reveal_self)} survivors in its neighbourhood, "
+                f"below t={rec.threshold}"
+            )
         self_shares: dict[int, np.ndarray] = {}
         key_shares: dict[int, np.ndarray] = {}
         for v in reveal_self:
-            self_shares[v] = np.frombuffer(_unb64(rec.shares[str(v)])[:SHARE_BYTES], dtype="<u4").astype(np.uint32)
+            self_shares[v] = np.frombuffer(
+                _unb64(rec.shares[str(v)])[:SHARE_BYTES], dtype="<u4"
+            ).astype(np.uint32)
         for v in reveal_key:
-            key_shares[v] = np.frombuffer(_unb64(rec.shares[str(v)])[SHARE_BYTES:], dtype="<u4").astype(np.uint32)
+            key_shares[v] = np.frombuffer(
+                _unb64(rec.shares[str(v)])[SHARE_BYTES:], dtype="<u4"
+            ).astype(np.uint32)
         del self.state.rounds[str(req.round_num)]  # one answer per round; secrets forgotten
         self.state.closed_through = max(self.state.closed_through, req.round_num)
         return UnmaskReply(self.node, req.round_num, self_shares, key_shares)

@@ -23,7 +23,9 @@ def ring_order(seed: bytes, round_num: int, participants: list[int]) -> list[int
     return [ids[i] for i in np.argsort(keys, kind="stable")]
 
 
-def neighbours(seed: bytes, round_num: int, participants: list[int], degree: int) -> dict[int, list[int]]:
+def neighbours(
+    seed: bytes, round_num: int, participants: list[int], degree: int
+) -> dict[int, list[int]]:
     """Map each participant to its sorted neighbour list (itself excluded)."""
     n = len(participants)
     if degree >= n - 1:

@@ -31,7 +31,11 @@ SEED_BYTES = 32
 
 
 def check_node_id(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 0 <= int(value) < 2**64:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | np.integer)
+        or not 0 <= int(value) < 2**64
+    ):
         raise ProtocolViolation(f"{what} must be a uint64 node id, got {value!r}")
     return int(value)
 

@@ -59,7 +59,9 @@ def load_state(context: Context) -> ClientState:
         return new_client_state(context.node_id)
     state = ClientState.from_bytes(record[STATE_KEY])  # type: ignore[arg-type]
     if state.node != context.node_id:
-        raise ProtocolViolation(f"stored secagg state belongs to node {state.node}, not {context.node_id}")
+        raise ProtocolViolation(
+            f"stored secagg state belongs to node {state.node}, not {context.node_id}"
+        )
     return state
 
 
@@ -67,8 +69,20 @@ def save_state(context: Context, state: ClientState) -> None:
     context.state.config_records[STATE_RECORD] = ConfigRecord({STATE_KEY: state.to_bytes()})
 
 
+_PARAMS_CACHE: dict[int, tuple[Any, ProtocolParams]] = {}
+
+
 def protocol_params(cfg: Any) -> ProtocolParams:
-    return settings_of(cfg.aggregation).protocol(cfg)
+    """The run's protocol parameters; memoised per config object (``config_from_message``
+    returns the same parsed object for the same run), as building them goes through OmegaConf."""
+    hit = _PARAMS_CACHE.get(id(cfg))
+    if hit is not None and hit[0] is cfg:
+        return hit[1]
+    params = settings_of(cfg.aggregation).protocol(cfg)
+    if len(_PARAMS_CACHE) > 8:
+        _PARAMS_CACHE.clear()
+    _PARAMS_CACHE[id(cfg)] = (cfg, params)
+    return params
 
 
 def _refuse(msg: Message, reason: str) -> Message:
@@ -82,10 +96,14 @@ def secagg_mod(msg: Message, context: Context, call_next: CallNext) -> Message:
         return call_next(msg, context)  # evaluation of the (public) global model
     record = msg.content.config_records.get(SECAGG_RECORD)
     if record is None:
-        return _refuse(msg, "train message without secagg parts: refusing to send an unmasked update")
+        return _refuse(
+            msg, "train message without secagg parts: refusing to send an unmasked update"
+        )
     request = dict(record)
     try:
-        client = SecAggClient(protocol_params(config_from_message(msg, context)), load_state(context))
+        client = SecAggClient(
+            protocol_params(config_from_message(msg, context)), load_state(context)
+        )
         out: wire.Wire = {}
         extra: dict[str, Any] = {}
         if wire.UNMASK_REQ in request:
@@ -95,27 +113,40 @@ def secagg_mod(msg: Message, context: Context, call_next: CallNext) -> Message:
         if wire.MASK_REQ in request:
             extra = _masked_input(msg, context, call_next, client, request, out)
         if wire.ADVERTISE_REQ in request:
-            out.update(wire.encode_advert(client.advertise(wire.get_round(request, wire.ADVERTISE_REQ))))
+            out.update(
+                wire.encode_advert(client.advertise(wire.get_round(request, wire.ADVERTISE_REQ)))
+            )
     except (ProtocolViolation, ValueError) as exc:
         return _refuse(msg, str(exc))
     save_state(context, client.state)
     return Message(RecordDict({SECAGG_RECORD: ConfigRecord(out), **extra}), reply_to=msg)
 
 
-def _masked_input(msg: Message, context: Context, call_next: CallNext, client: SecAggClient,
-                  request: dict, out: wire.Wire) -> dict[str, Any]:
+def _masked_input(
+    msg: Message,
+    context: Context,
+    call_next: CallNext,
+    client: SecAggClient,
+    request: dict,
+    out: wire.Wire,
+) -> dict[str, Any]:
     """Run the train handler and mask its result; a training failure becomes a soft dropout."""
     req = wire.decode_mask_request(request)
-    server_round = msg.content.config_records["config"].get("server-round") \
-        if "config" in msg.content.config_records else None
+    server_round = (
+        msg.content.config_records["config"].get("server-round")
+        if "config" in msg.content.config_records
+        else None
+    )
     if req.round_num != server_round:
-        raise ProtocolViolation(f"mask request for round {req.round_num} in a train message of round {server_round}")
+        raise ProtocolViolation(
+            f"mask request for round {req.round_num} in a train message of round {server_round}"
+        )
     if "arrays" not in msg.content.array_records:
         raise ProtocolViolation("masked-input request without the global model")
     layout = ModelLayout.from_arrays(msg.content.array_records["arrays"])
     try:
         reply = call_next(msg, context)
-    except Exception as exc:  # noqa: BLE001 - any training failure is a dropout, not a crash
+    except Exception as exc:
         out[wire.FAILED] = f"train handler raised {type(exc).__name__}: {exc}"
         return {}
     if reply.has_error():
@@ -130,7 +161,9 @@ def _masked_input(msg: Message, context: Context, call_next: CallNext, client: S
     metrics = reply.content.metric_records["metrics"]
     arrays = reply.content.array_records["arrays"]
     if ModelLayout.from_arrays(arrays) != layout:
-        out[wire.FAILED] = "train handler returned arrays that differ from the global model's layout"
+        out[wire.FAILED] = (
+            "train handler returned arrays that differ from the global model's layout"
+        )
         return {}
     try:
         masked = client.mask(req, layout.flatten(arrays), int(metrics[NUM_EXAMPLES_KEY]))
@@ -139,4 +172,7 @@ def _masked_input(msg: Message, context: Context, call_next: CallNext, client: S
         return {}
     out[wire.MASKED] = req.round_num
     public = {k: metrics[k] for k in PUBLIC_METRICS if k in metrics}
-    return {MASKED_RECORD: ArrayRecord({MASKED_ARRAY: Array(masked.words)}), "metrics": MetricRecord(public)}
+    return {
+        MASKED_RECORD: ArrayRecord({MASKED_ARRAY: Array(masked.words)}),
+        "metrics": MetricRecord(public),
+    }

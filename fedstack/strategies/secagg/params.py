@@ -54,8 +54,11 @@ class ProtocolParams:
         """Number of neighbours of each party among n participants."""
         if self.graph == GRAPH_COMPLETE or n <= 2:
             return n - 1
-        k = self.neighbours if self.neighbours is not None else (
-            2 * math.ceil(AUTO_DEGREE_LOG_FACTOR * math.log2(n)))
+        k = (
+            self.neighbours
+            if self.neighbours is not None
+            else (2 * math.ceil(AUTO_DEGREE_LOG_FACTOR * math.log2(n)))
+        )
         return min(k, n - 1)
 
     def neighbourhood_size(self, n: int) -> int:
@@ -64,7 +67,11 @@ class ProtocolParams:
     def round_threshold(self, n: int) -> int:
         """t for a round with n participants; raises if it is unsafe or unreachable."""
         size = self.neighbourhood_size(n)
-        t = math.ceil(self.threshold * size) if isinstance(self.threshold, float) else int(self.threshold)
+        t = (
+            math.ceil(self.threshold * size)
+            if isinstance(self.threshold, float)
+            else int(self.threshold)
+        )
         t = max(t, MIN_THRESHOLD)
         if t > size:
             raise ValueError(f"threshold t={t} exceeds the neighbourhood size {size} (n={n})")

@@ -60,7 +60,9 @@ class ServerRound:
         for node, adv in self.adverts.items():
             adv.validate()
             if adv.node != node or adv.round_num != self.round_num:
-                raise ProtocolViolation(f"advert of node {node} is for node {adv.node}, round {adv.round_num}")
+                raise ProtocolViolation(
+                    f"advert of node {node} is for node {adv.node}, round {adv.round_num}"
+                )
             if {adv.enc_pk, adv.mask_pk} & keys:
                 raise ProtocolViolation(f"advert of node {node} repeats another party's key")
             keys |= {adv.enc_pk, adv.mask_pk}
@@ -70,7 +72,9 @@ class ServerRound:
             self.threshold = self.params.round_threshold(n)
         except ValueError as exc:
             raise SecAggAbort(self.round_num, STAGE_SHARE, f"{n} participants: {exc}") from exc
-        self.nbrs = graph.neighbours(self.seed, self.round_num, self.participants, self.params.degree(n))
+        self.nbrs = graph.neighbours(
+            self.seed, self.round_num, self.participants, self.params.degree(n)
+        )
         self.shared: list[int] = []  # U1
         self.survivors: list[int] = []  # U2
         self.dropped: list[int] = []  # U1 \ U2
@@ -80,8 +84,10 @@ class ServerRound:
 
     def _expect_stage(self, stage: str) -> None:
         if self.stage != stage:
-            raise ProtocolViolation(f"round {self.round_num}: '{stage}' messages are not accepted "
-                                    f"at stage '{self.stage}' (late or replayed)")
+            raise ProtocolViolation(
+                f"round {self.round_num}: '{stage}' messages are not accepted "
+                f"at stage '{self.stage}' (late or replayed)"
+            )
 
     def _reject(self, node: int, reason: str) -> None:
         self.rejected[node] = reason
@@ -115,22 +121,34 @@ class ServerRound:
             u1 -= starved
         if len(u1) < self.threshold:
             self.stage = STAGE_DONE
-            raise SecAggAbort(self.round_num, STAGE_SHARE,
-                              f"{len(u1)} parties shared usable keys, below t={self.threshold}")
+            raise SecAggAbort(
+                self.round_num,
+                STAGE_SHARE,
+                f"{len(u1)} parties shared usable keys, below t={self.threshold}",
+            )
         self.shared = sorted(u1)
         self._cts = {u: valid[u] for u in self.shared}
         self.stage = STAGE_MASKED
-        return {u: MaskRequest(self.round_num, list(self.shared),
-                               {v: self._cts[v][u] for v in self.nbrs[u] if v in u1})
-                for u in self.shared}
+        return {
+            u: MaskRequest(
+                self.round_num,
+                list(self.shared),
+                {v: self._cts[v][u] for v in self.nbrs[u] if v in u1},
+            )
+            for u in self.shared
+        }
 
     def _check_share_reply(self, node: int, rep: ShareReply) -> dict[int, bytes]:
         if node not in self.adverts:
             raise ProtocolViolation(f"share reply from non-participant {node}")
         if rep.node != node or rep.round_num != self.round_num:
-            raise ProtocolViolation(f"share reply of {node} claims node {rep.node}, round {rep.round_num}")
+            raise ProtocolViolation(
+                f"share reply of {node} claims node {rep.node}, round {rep.round_num}"
+            )
         if sorted(rep.ciphertexts) != self.nbrs[node]:
-            raise ProtocolViolation(f"share reply of {node} is not addressed to exactly its neighbours")
+            raise ProtocolViolation(
+                f"share reply of {node} is not addressed to exactly its neighbours"
+            )
         for v, ct in rep.ciphertexts.items():
             if not isinstance(ct, bytes) or len(ct) != SHARE_CIPHERTEXT_BYTES:
                 raise ProtocolViolation(f"share ciphertext {node}->{v} has a wrong size")
@@ -156,26 +174,40 @@ class ServerRound:
         self.dropped = sorted(set(self.shared) - u2)
         if len(u2) < self.threshold:
             self.stage = STAGE_DONE
-            raise SecAggAbort(self.round_num, STAGE_MASKED,
-                              f"{len(u2)} masked inputs arrived, below t={self.threshold}")
+            raise SecAggAbort(
+                self.round_num,
+                STAGE_MASKED,
+                f"{len(u2)} masked inputs arrived, below t={self.threshold}",
+            )
         self._feasible(u2, STAGE_MASKED)
         self._requests = {
-            u: UnmaskRequest(self.round_num,
-                             sorted((set(self.nbrs[u]) & u2) | {u}),
-                             sorted(set(self.nbrs[u]) & set(self.dropped)))
-            for u in self.survivors}
+            u: UnmaskRequest(
+                self.round_num,
+                sorted((set(self.nbrs[u]) & u2) | {u}),
+                sorted(set(self.nbrs[u]) & set(self.dropped)),
+            )
+            for u in self.survivors
+        }
         return dict(self._requests)
 
     def _check_masked(self, node: int, rep: MaskedInput) -> None:
         if node not in self.shared:
             raise ProtocolViolation(f"masked input from {node}, which is not in U1")
         if rep.node != node or rep.round_num != self.round_num:
-            raise ProtocolViolation(f"masked input of {node} claims node {rep.node}, round {rep.round_num}")
+            raise ProtocolViolation(
+                f"masked input of {node} claims node {rep.node}, round {rep.round_num}"
+            )
         w = rep.words
-        if not isinstance(w, np.ndarray) or w.dtype != self.params.codec.dtype or w.shape != (self.vector_len,):
-            raise ProtocolViolation(f"masked input of {node} must be {self.params.codec.dtype} of shape "
-                                    f"({self.vector_len},), got {getattr(w, 'dtype', type(w))} "
-                                    f"{getattr(w, 'shape', '')}")
+        if (
+            not isinstance(w, np.ndarray)
+            or w.dtype != self.params.codec.dtype
+            or w.shape != (self.vector_len,)
+        ):
+            raise ProtocolViolation(
+                f"masked input of {node} must be {self.params.codec.dtype} of shape "
+                f"({self.vector_len},), got {getattr(w, 'dtype', type(w))} "
+                f"{getattr(w, 'shape', '')}"
+            )
         bits = self.params.codec.bits
         if bits not in (32, 64) and (w >> np.asarray(bits, dtype=w.dtype)).any():
             raise ProtocolViolation(f"masked input of {node} has words outside Z_2^{bits}")
@@ -186,14 +218,23 @@ class ServerRound:
         for u in self.survivors:
             if len((set(self.nbrs[u]) & holders_alive) | ({u} & holders_alive)) < t:
                 self.stage = STAGE_DONE
-                raise SecAggAbort(self.round_num, stage,
-                                  f"self mask of survivor {u} has fewer than t={t} live share holders "
-                                  f"({len(self.survivors)} survivors of {len(self.shared)})")
+                raise SecAggAbort(
+                    self.round_num,
+                    stage,
+                    f"self mask of survivor {u} has fewer than t={t} live share holders "
+                    f"({len(self.survivors)} survivors of {len(self.shared)})",
+                )
         for u in self.dropped:
-            if set(self.nbrs[u]) & set(self.survivors) and len(set(self.nbrs[u]) & holders_alive) < t:
+            if (
+                set(self.nbrs[u]) & set(self.survivors)
+                and len(set(self.nbrs[u]) & holders_alive) < t
+            ):
                 self.stage = STAGE_DONE
-                raise SecAggAbort(self.round_num, stage,
-                                  f"mask key of dropped party {u} has fewer than t={t} live share holders")
+                raise SecAggAbort(
+                    self.round_num,
+                    stage,
+                    f"mask key of dropped party {u} has fewer than t={t} live share holders",
+                )
 
     # -- stage 3 -----------------------------------------------------------------------
     def receive_unmask(self, replies: dict[int, UnmaskReply]) -> np.ndarray:
@@ -209,23 +250,40 @@ class ServerRound:
         u3 = set(valid)
         self._feasible(u3, STAGE_UNMASK)
         self.stage = STAGE_DONE
-        seeds = self._rebuild({u: sorted((set(self.nbrs[u]) | {u}) & u3) for u in self.survivors},
-                              lambda h, u: valid[h].self_shares[u])
-        keys = self._rebuild({u: sorted(set(self.nbrs[u]) & u3) for u in self.dropped
-                              if set(self.nbrs[u]) & set(self.survivors)},
-                             lambda h, u: valid[h].key_shares[u])
+        seeds = self._rebuild(
+            {u: sorted((set(self.nbrs[u]) | {u}) & u3) for u in self.survivors},
+            lambda h, u: valid[h].self_shares[u],
+        )
+        keys = self._rebuild(
+            {
+                u: sorted(set(self.nbrs[u]) & u3)
+                for u in self.dropped
+                if set(self.nbrs[u]) & set(self.survivors)
+            },
+            lambda h, u: valid[h].key_shares[u],
+        )
         codec, prg, r = self.params.codec, self.params.prg, self.round_num
         total = self._total
         for u, seed in seeds.items():
-            total -= expand(derive_key(seed, PURPOSE_SELF_MASK, r, (u,)), self.vector_len, codec.dtype, prg)
+            total -= expand(
+                derive_key(seed, PURPOSE_SELF_MASK, r, (u,)), self.vector_len, codec.dtype, prg
+            )
         for u, sk in keys.items():
             pair = KeyPair.from_private(sk)
             if pair.public != self.adverts[u].mask_pk:
-                raise SecAggAbort(r, STAGE_UNMASK, f"reconstructed mask key of {u} does not match "
-                                  "its advertised public key (inconsistent shares)")
+                raise SecAggAbort(
+                    r,
+                    STAGE_UNMASK,
+                    f"reconstructed mask key of {u} does not match "
+                    "its advertised public key (inconsistent shares)",
+                )
             for v in set(self.nbrs[u]) & set(self.survivors):
-                stream = expand(pair_key(sk, self.adverts[v].mask_pk, PURPOSE_MASK, r, u, v),
-                                self.vector_len, codec.dtype, prg)
+                stream = expand(
+                    pair_key(sk, self.adverts[v].mask_pk, PURPOSE_MASK, r, u, v),
+                    self.vector_len,
+                    codec.dtype,
+                    prg,
+                )
                 if v < u:  # v added +PRG(s_vu); take it back out
                     total -= stream
                 else:
@@ -237,9 +295,13 @@ class ServerRound:
         if req is None:
             raise ProtocolViolation(f"unmask reply from {node}, which was not asked")
         if rep.node != node or rep.round_num != self.round_num:
-            raise ProtocolViolation(f"unmask reply of {node} claims node {rep.node}, round {rep.round_num}")
+            raise ProtocolViolation(
+                f"unmask reply of {node} claims node {rep.node}, round {rep.round_num}"
+            )
         if sorted(rep.self_shares) != req.reveal_self or sorted(rep.key_shares) != req.reveal_key:
-            raise ProtocolViolation(f"unmask reply of {node} does not answer exactly what was asked")
+            raise ProtocolViolation(
+                f"unmask reply of {node} does not answer exactly what was asked"
+            )
         for v, s in [*rep.self_shares.items(), *rep.key_shares.items()]:
             check_share(s, f"share of {v} from {node}")
 
@@ -256,7 +318,9 @@ class ServerRound:
             try:
                 rec = reconstruct(np.array([index[h] for h in hs]), ys)
             except ShamirError as exc:
-                raise SecAggAbort(self.round_num, STAGE_UNMASK, f"share reconstruction failed: {exc}") from exc
+                raise SecAggAbort(
+                    self.round_num, STAGE_UNMASK, f"share reconstruction failed: {exc}"
+                ) from exc
             for i, u in enumerate(owners):
                 out[u] = rec[i].tobytes()
                 assert len(out[u]) == SECRET_BYTES

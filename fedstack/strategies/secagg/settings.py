@@ -58,20 +58,31 @@ class SecAggSettings:
         """The fixed-point codec; raises ValueError naming the keys when it could wrap."""
         max_weight = int(self.max_weight) or int(max_num_examples or 0)
         if max_weight < 1:
-            raise _config_error("aggregation.max_weight=0 (auto) needs a positive top-level "
-                                "max_num_examples to bound n_k")
+            raise _config_error(
+                "aggregation.max_weight=0 (auto) needs a positive top-level "
+                "max_num_examples to bound n_k"
+            )
         try:
-            scale = float(self.scale) or auto_scale(int(self.bits), float(self.clip),
-                                                    int(self.max_clients), max_weight)
-            return FixedPointCodec(int(self.bits), float(self.clip), scale, int(self.max_clients), max_weight)
+            scale = float(self.scale) or auto_scale(
+                int(self.bits), float(self.clip), int(self.max_clients), max_weight
+            )
+            return FixedPointCodec(
+                int(self.bits), float(self.clip), scale, int(self.max_clients), max_weight
+            )
         except QuantisationError as exc:
-            raise _config_error(f"aggregation.bits/clip/scale/max_clients/max_weight: {exc}") from exc
+            raise _config_error(
+                f"aggregation.bits/clip/scale/max_clients/max_weight: {exc}"
+            ) from exc
 
     def protocol(self, cfg: Any = None) -> ProtocolParams:
         """Protocol parameters shared by server and clients."""
-        return ProtocolParams(codec=self.codec(_top(cfg, "max_num_examples")), graph=self.graph,
-                              neighbours=int(self.neighbours) or None,
-                              threshold=self.threshold_spec(), prg=self.prg)
+        return ProtocolParams(
+            codec=self.codec(_top(cfg, "max_num_examples")),
+            graph=self.graph,
+            neighbours=int(self.neighbours) or None,
+            threshold=self.threshold_spec(),
+            prg=self.prg,
+        )
 
     def validate(self, cfg: Any = None) -> None:
         """Raise ConfigError naming the offending key; checks against the run's client count."""
@@ -82,11 +93,15 @@ class SecAggSettings:
         if self.prg not in PRG_ALGORITHMS:
             raise _config_error(f"aggregation.prg={self.prg!r} must be one of {PRG_ALGORITHMS}")
         if int(self.neighbours) and (int(self.neighbours) < 2 or int(self.neighbours) % 2):
-            raise _config_error(f"aggregation.neighbours={self.neighbours} must be 0 (auto) or an even number >= 2")
+            raise _config_error(
+                f"aggregation.neighbours={self.neighbours} must be 0 (auto) or an even number >= 2"
+            )
         t = float(self.threshold)
         if not (0.5 < t <= 1.0 or (t >= 2 and t == int(t))):
-            raise _config_error(f"aggregation.threshold={self.threshold} must be a fraction in (0.5, 1] "
-                                "or an integer count >= 2")
+            raise _config_error(
+                f"aggregation.threshold={self.threshold} must be a fraction in (0.5, 1] "
+                "or an integer count >= 2"
+            )
         if not float(self.stage_timeout) > 0:
             raise _config_error(f"aggregation.stage_timeout={self.stage_timeout} must be > 0")
         if not float(self.max_quant_error) > 0:
@@ -95,15 +110,21 @@ class SecAggSettings:
         if params.codec.error_bound > float(self.max_quant_error):
             raise _config_error(
                 f"aggregation.scale resolves to {params.codec.scale:g}: rounding error "
-                f"{params.codec.error_bound:.3g} exceeds aggregation.max_quant_error={self.max_quant_error}; "
-                "raise aggregation.bits or lower aggregation.clip/max_clients/max_weight")
+                f"{params.codec.error_bound:.3g} exceeds "
+                f"aggregation.max_quant_error={self.max_quant_error}; "
+                "raise aggregation.bits or lower aggregation.clip/max_clients/max_weight"
+            )
         num_clients = _top(cfg, "num_clients")
         if num_clients is not None:
             n = int(num_clients)
             if n > int(self.max_clients):
-                raise _config_error(f"num_clients={n} exceeds aggregation.max_clients={self.max_clients} "
-                                    "(the no-wrap bound of the quantisation)")
+                raise _config_error(
+                    f"num_clients={n} exceeds aggregation.max_clients={self.max_clients} "
+                    "(the no-wrap bound of the quantisation)"
+                )
             try:
                 params.round_threshold(n)
             except ValueError as exc:
-                raise _config_error(f"aggregation.threshold={self.threshold} with num_clients={n}: {exc}") from exc
+                raise _config_error(
+                    f"aggregation.threshold={self.threshold} with num_clients={n}: {exc}"
+                ) from exc

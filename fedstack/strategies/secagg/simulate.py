@@ -47,9 +47,13 @@ class SimulatedFederation:
         out = {u: self.call(u, lambda c: c.advertise(round_num)) for u in nodes}
         return {u: a for u, a in out.items() if a is not None}
 
-    def run_round(self, round_num: int, inputs: Mapping[int, tuple[np.ndarray, int]],
-                  drop: Mapping[str, set[int]] | None = None,
-                  adverts: dict[int, Advert] | None = None) -> tuple[np.ndarray, int, ServerRound]:
+    def run_round(
+        self,
+        round_num: int,
+        inputs: Mapping[int, tuple[np.ndarray, int]],
+        drop: Mapping[str, set[int]] | None = None,
+        adverts: dict[int, Advert] | None = None,
+    ) -> tuple[np.ndarray, int, ServerRound]:
         """One full round; returns (sum n_k w_k, sum n_k, the server round)."""
         drop = {k: set(v) for k, v in (drop or {}).items()}
         gone: set[int] = set()
@@ -64,12 +68,18 @@ class SimulatedFederation:
         d = len(next(iter(inputs.values()))[0])
         server = ServerRound(round_num, self.params, d + 1, adverts)
         reqs = server.share_requests()
-        shares = {u: self.call(u, lambda c, r=reqs[u]: c.share(r)) for u in alive(STAGE_SHARE, reqs)}
+        shares = {
+            u: self.call(u, lambda c, r=reqs[u]: c.share(r)) for u in alive(STAGE_SHARE, reqs)
+        }
         mreqs = server.receive_shares({u: s for u, s in shares.items() if s is not None})
-        masked = {u: self.call(u, lambda c, r=mreqs[u]: c.mask(r, *inputs[u]))
-                  for u in alive(STAGE_MASKED, mreqs)}
+        masked = {
+            u: self.call(u, lambda c, r=mreqs[u], x=inputs[u]: c.mask(r, *x))
+            for u in alive(STAGE_MASKED, mreqs)
+        }
         ureqs = server.receive_masked({u: m for u, m in masked.items() if m is not None})
-        unmasked = {u: self.call(u, lambda c, r=ureqs[u]: c.unmask(r)) for u in alive(STAGE_UNMASK, ureqs)}
+        unmasked = {
+            u: self.call(u, lambda c, r=ureqs[u]: c.unmask(r)) for u in alive(STAGE_UNMASK, ureqs)
+        }
         total = server.receive_unmask({u: m for u, m in unmasked.items() if m is not None})
         weighted, weight = self.params.codec.decode(total)
         return weighted, weight, server

@@ -68,7 +68,7 @@ def get_round(wire: Mapping, key: str) -> int:
 def _chunks(data: object, size: int, count: int, what: str) -> list[bytes]:
     if not isinstance(data, bytes) or len(data) != size * count:
         raise ProtocolViolation(f"{what} must be {count} x {size} bytes")
-    return [data[i * size:(i + 1) * size] for i in range(count)]
+    return [data[i * size : (i + 1) * size] for i in range(count)]
 
 
 # -- adverts -----------------------------------------------------------------------------
@@ -77,18 +77,28 @@ def encode_advert(adv: Advert) -> Wire:
 
 
 def decode_advert(wire: Mapping, node: int) -> Advert:
-    adv = Advert(node, get_round(wire, ADVERT), check_bytes(wire.get("adv.enc_pk"), KEY_BYTES, "adv.enc_pk"),
-                 check_bytes(wire.get("adv.mask_pk"), KEY_BYTES, "adv.mask_pk"))
+    adv = Advert(
+        node,
+        get_round(wire, ADVERT),
+        check_bytes(wire.get("adv.enc_pk"), KEY_BYTES, "adv.enc_pk"),
+        check_bytes(wire.get("adv.mask_pk"), KEY_BYTES, "adv.mask_pk"),
+    )
     adv.validate()
     return adv
 
 
 # -- share stage -------------------------------------------------------------------------
 def encode_share_request(req: ShareRequest) -> Wire:
-    keys = b"".join(int(v).to_bytes(ID_BYTES, "little") + enc + mask
-                    for v, (enc, mask) in sorted(req.keys.items()))
-    return {SHARE_REQ: req.round_num, "sreq.seed": req.seed,
-            "sreq.participants": ids_to_bytes(req.participants), "sreq.keys": keys}
+    keys = b"".join(
+        int(v).to_bytes(ID_BYTES, "little") + enc + mask
+        for v, (enc, mask) in sorted(req.keys.items())
+    )
+    return {
+        SHARE_REQ: req.round_num,
+        "sreq.seed": req.seed,
+        "sreq.participants": ids_to_bytes(req.participants),
+        "sreq.keys": keys,
+    }
 
 
 def decode_share_request(wire: Mapping) -> ShareRequest:
@@ -100,15 +110,22 @@ def decode_share_request(wire: Mapping) -> ShareRequest:
         node = int.from_bytes(entry[:ID_BYTES], "little")
         if node in keys:
             raise ProtocolViolation("sreq.keys lists a node twice")
-        keys[node] = (entry[ID_BYTES:ID_BYTES + KEY_BYTES], entry[ID_BYTES + KEY_BYTES:])
-    return ShareRequest(get_round(wire, SHARE_REQ), check_bytes(wire.get("sreq.seed"), SEED_BYTES, "sreq.seed"),
-                        ids_from_bytes(wire.get("sreq.participants"), "sreq.participants"), keys)
+        keys[node] = (entry[ID_BYTES : ID_BYTES + KEY_BYTES], entry[ID_BYTES + KEY_BYTES :])
+    return ShareRequest(
+        get_round(wire, SHARE_REQ),
+        check_bytes(wire.get("sreq.seed"), SEED_BYTES, "sreq.seed"),
+        ids_from_bytes(wire.get("sreq.participants"), "sreq.participants"),
+        keys,
+    )
 
 
 def encode_share_reply(rep: ShareReply) -> Wire:
     receivers = sorted(rep.ciphertexts)
-    return {SHARE_REP: rep.round_num, "srep.receivers": ids_to_bytes(receivers),
-            "srep.cts": b"".join(rep.ciphertexts[v] for v in receivers)}
+    return {
+        SHARE_REP: rep.round_num,
+        "srep.receivers": ids_to_bytes(receivers),
+        "srep.cts": b"".join(rep.ciphertexts[v] for v in receivers),
+    }
 
 
 def decode_share_reply(wire: Mapping, node: int) -> ShareReply:
@@ -120,26 +137,39 @@ def decode_share_reply(wire: Mapping, node: int) -> ShareReply:
 # -- masked-input stage ------------------------------------------------------------------
 def encode_mask_request(req: MaskRequest) -> Wire:
     senders = sorted(req.ciphertexts)
-    return {MASK_REQ: req.round_num, "mreq.shared": ids_to_bytes(req.shared),
-            "mreq.senders": ids_to_bytes(senders), "mreq.cts": b"".join(req.ciphertexts[v] for v in senders)}
+    return {
+        MASK_REQ: req.round_num,
+        "mreq.shared": ids_to_bytes(req.shared),
+        "mreq.senders": ids_to_bytes(senders),
+        "mreq.cts": b"".join(req.ciphertexts[v] for v in senders),
+    }
 
 
 def decode_mask_request(wire: Mapping) -> MaskRequest:
     senders = ids_from_bytes(wire.get("mreq.senders"), "mreq.senders")
     cts = _chunks(wire.get("mreq.cts"), SHARE_CIPHERTEXT_BYTES, len(senders), "mreq.cts")
-    return MaskRequest(get_round(wire, MASK_REQ), ids_from_bytes(wire.get("mreq.shared"), "mreq.shared"),
-                       dict(zip(senders, cts, strict=True)))
+    return MaskRequest(
+        get_round(wire, MASK_REQ),
+        ids_from_bytes(wire.get("mreq.shared"), "mreq.shared"),
+        dict(zip(senders, cts, strict=True)),
+    )
 
 
 # -- unmask stage ------------------------------------------------------------------------
 def encode_unmask_request(req: UnmaskRequest) -> Wire:
-    return {UNMASK_REQ: req.round_num, "ureq.self": ids_to_bytes(req.reveal_self),
-            "ureq.key": ids_to_bytes(req.reveal_key)}
+    return {
+        UNMASK_REQ: req.round_num,
+        "ureq.self": ids_to_bytes(req.reveal_self),
+        "ureq.key": ids_to_bytes(req.reveal_key),
+    }
 
 
 def decode_unmask_request(wire: Mapping) -> UnmaskRequest:
-    return UnmaskRequest(get_round(wire, UNMASK_REQ), ids_from_bytes(wire.get("ureq.self"), "ureq.self"),
-                         ids_from_bytes(wire.get("ureq.key"), "ureq.key"))
+    return UnmaskRequest(
+        get_round(wire, UNMASK_REQ),
+        ids_from_bytes(wire.get("ureq.self"), "ureq.self"),
+        ids_from_bytes(wire.get("ureq.key"), "ureq.key"),
+    )
 
 
 def _pack_shares(shares: dict[int, np.ndarray]) -> tuple[bytes, bytes]:
@@ -149,19 +179,28 @@ def _pack_shares(shares: dict[int, np.ndarray]) -> tuple[bytes, bytes]:
 
 def _unpack_shares(wire: Mapping, kind: str) -> dict[int, np.ndarray]:
     owners = ids_from_bytes(wire.get(f"urep.{kind}_owners"), f"urep.{kind}_owners")
-    blobs = _chunks(wire.get(f"urep.{kind}_shares"), SHARE_BYTES, len(owners), f"urep.{kind}_shares")
-    return {v: check_share(np.frombuffer(b, dtype="<u4").astype(np.uint32), f"{kind} share of {v}")
-            for v, b in zip(owners, blobs, strict=True)}
+    blobs = _chunks(
+        wire.get(f"urep.{kind}_shares"), SHARE_BYTES, len(owners), f"urep.{kind}_shares"
+    )
+    return {
+        v: check_share(np.frombuffer(b, dtype="<u4").astype(np.uint32), f"{kind} share of {v}")
+        for v, b in zip(owners, blobs, strict=True)
+    }
 
 
 def encode_unmask_reply(rep: UnmaskReply) -> Wire:
     so, ss = _pack_shares(rep.self_shares)
     ko, ks = _pack_shares(rep.key_shares)
-    return {UNMASK_REP: rep.round_num, "urep.self_owners": so, "urep.self_shares": ss,
-            "urep.key_owners": ko, "urep.key_shares": ks}
+    return {
+        UNMASK_REP: rep.round_num,
+        "urep.self_owners": so,
+        "urep.self_shares": ss,
+        "urep.key_owners": ko,
+        "urep.key_shares": ks,
+    }
 
 
 def decode_unmask_reply(wire: Mapping, node: int) -> UnmaskReply:
-    return UnmaskReply(node, get_round(wire, UNMASK_REP), _unpack_shares(wire, "self"), _unpack_shares(wire, "key"))
-
-
+    return UnmaskReply(
+        node, get_round(wire, UNMASK_REP), _unpack_shares(wire, "self"), _unpack_shares(wire, "key")
+    )

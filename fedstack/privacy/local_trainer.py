@@ -68,6 +68,11 @@ class ContextDPTrainer:
         return outcome
 
 
-def make_dp_trainer(cfg: Any, context: Any) -> ContextDPTrainer:
-    """The trainer the ClientApp uses when `cfg.dp.name == "local"`."""
+def build_dp_trainer(cfg: Any, context: Any, partition_id: int, data: Any) -> ContextDPTrainer:
+    """The ClientApp's hook for `dp=local` (fedstack.client_app.local_trainer).
+
+    `partition_id` and `data` are not needed to build the trainer: the sample rate comes
+    from the training set handed to `train`, and noise/sampling never derive from ids.
+    """
+    del partition_id, data
     return ContextDPTrainer(cfg, context)
