@@ -51,7 +51,7 @@ SPEED_CASES = {
     "tabular_mlp": ("breast_cancer", "tabular_mlp", 16),
 }
 SWEEP_EPSILONS = ["1", "2", "4", "8", "inf"]
-SWEEP_PARTITIONS = ["iid", "dirichlet"]
+SWEEP_PARTITIONS = ["iid", "dirichlet"]  # dirichlet: alpha=0.5 (conf/partition/dirichlet.yaml)
 
 
 # ------------------------------------------------------------------------- part 1: speed
@@ -171,27 +171,89 @@ def print_speed(result: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------ part 2: utility
-def _sweep(partition: str, rounds: int, out_base: Path, quick: bool) -> list[dict[str, Any]]:
-    """One `fedstack run -m` over the ε grid for one partition; read each run's summary."""
-    sweep_dir = out_base / f"sweep-{partition}"
-    eps_values = ",".join(SWEEP_EPSILONS if not quick else ["1", "8", "inf"])
-    cmd = [
-        sys.executable, "-m", "fedstack", "run", "-m",
-        "task=digits", "num_clients=5", f"num_rounds={rounds}", f"partition={partition}",
-        f"+bench_epsilon={eps_values}", f"output_dir={sweep_dir}",
-    ]
+#: Training settings of the sweep, the same for every ε (∞ = dp=none): DP-SGD needs more
+#: rounds than plain SGD to converge, so the no-DP baseline gets the same budget of rounds.
+SWEEP_SETTINGS = ["task=digits", "num_clients=5", "log_table=false"]
+SWEEP_ROUNDS, SWEEP_ROUNDS_QUICK = 20, 8
+
+
+def _fedstack_multirun(overrides: list[str]) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "fedstack", "run", "-m", *overrides]
+    print("$ fedstack run -m " + " ".join(overrides), flush=True)
     subprocess.run(cmd, cwd=REPO, env=env, check=True)
-    return _collect(sweep_dir, partition)
 
 
-def _collect(sweep_dir: Path, partition: str) -> list[dict[str, Any]]:
+def _collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
+    import yaml
+
     rows = []
     for summary_path in sorted(sweep_dir.rglob("summary.json")):
         summary = json.loads(summary_path.read_text())
-        rows.append({"partition": partition, "run_dir": str(summary_path.parent),
-                     **summary})
+        cfg = yaml.safe_load((summary_path.parent / "config.yaml").read_text())
+        target = cfg["dp"].get("target_epsilon") if cfg["dp"]["name"] == "local" else None
+        rows.append({
+            "partition": summary["partition"],
+            "target_epsilon": target if target is not None else "inf",
+            "final_accuracy": summary["final_accuracy"],
+            "epsilon_max": summary.get("epsilon_max"),
+            "rounds_completed": summary["rounds_completed"],
+            "run_dir": summary["run_dir"],
+        })
     return rows
+
+
+def run_utility(quick: bool, out_dir: Path) -> dict[str, Any]:
+    """Two `fedstack run -m` sweeps (DP over the ε grid, and dp=none) over both partitions."""
+    rounds = SWEEP_ROUNDS_QUICK if quick else SWEEP_ROUNDS
+    epsilons = ["1", "8"] if quick else [e for e in SWEEP_EPSILONS if e != "inf"]
+    common = [*SWEEP_SETTINGS, f"num_rounds={rounds}",
+              f"partition={','.join(SWEEP_PARTITIONS)}", f"output_dir={out_dir}"]
+    started = time.time()
+    _fedstack_multirun([*common, "dp=local", f"dp.target_epsilon={','.join(epsilons)}"])
+    _fedstack_multirun([*common, "dp=none"])
+    rows = _collect_sweep(out_dir)
+    table: dict[str, dict[str, float]] = {}
+    for row in rows:
+        table.setdefault(row["partition"], {})[str(row["target_epsilon"])] = row["final_accuracy"]
+    gaps = {part: (accs["inf"] - accs["8"]) * 100 for part, accs in table.items()
+            if "inf" in accs and "8" in accs}
+    return {"rounds": rounds, "settings": SWEEP_SETTINGS, "runs": rows, "accuracy": table,
+            "gap_points_eps8_vs_no_dp": gaps, "seconds": round(time.time() - started, 1)}
+
+
+def print_utility(result: dict[str, Any]) -> None:
+    keys = [e for e in SWEEP_EPSILONS if any(e in a for a in result["accuracy"].values())]
+    print(f"\naccuracy (central test split) after {result['rounds']} rounds, digits, "
+          "5 clients")
+    print(f"  {'partition':<12}" + "".join(f"{'eps=' + k:>10}" for k in keys))
+    for part, accs in result["accuracy"].items():
+        print(f"  {part:<12}" + "".join(
+            f"{accs[k]:10.3f}" if k in accs else f"{'-':>10}" for k in keys))
+    for part, gap in result["gap_points_eps8_vs_no_dp"].items():
+        print(f"  {part}: eps=8 is {gap:.1f} points below no-DP")
+
+
+def plot_utility(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [e for e in SWEEP_EPSILONS if any(e in a for a in result["accuracy"].values())]
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+    for part, accs in result["accuracy"].items():
+        xs = [i for i, k in enumerate(keys) if k in accs]
+        ax.plot(xs, [accs[keys[i]] for i in xs], marker="o", label=part)
+    ax.set_xticks(range(len(keys)), ["∞ (no DP)" if k == "inf" else k for k in keys])
+    ax.set_xlabel("per-client ε (δ = 1/(10 n_k))")
+    ax.set_ylabel("central test accuracy")
+    ax.set_title(f"digits, 5 clients, {result['rounds']} rounds: privacy vs utility")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -200,6 +262,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions / runs")
     parser.add_argument("--speed", action="store_true", help="part 1 only")
     parser.add_argument("--utility", action="store_true", help="part 2 only")
+    parser.add_argument("--sweep-dir", default=None,
+                        help="where the sweep's runs go (default: a new /tmp directory)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for part 1 (default: torch's choice)")
     args = parser.parse_args()
@@ -228,9 +292,11 @@ def main() -> None:
         print(f"\nopacus_overhead_ratio (default mode {DEFAULT_MODE!r}): "
               + ", ".join(f"{k} {v:.2f}x" for k, v in result["opacus_overhead_ratio"].items()))
     if do_utility:
-        from benchmarks_dp_utility import run_utility  # type: ignore[import-not-found]
-
-        result["utility"] = run_utility(args.quick)
+        out_dir = Path(args.sweep_dir or f"/tmp/fedstack-dp-sweep-{int(time.time())}")
+        utility = run_utility(args.quick, out_dir)
+        print_utility(utility)
+        plot_utility(utility, PLOT_FILE)
+        result["utility"] = utility
     RESULT_FILE.write_text(json.dumps(result, indent=2))
     print(f"wrote {RESULT_FILE}")
 

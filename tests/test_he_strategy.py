@@ -66,7 +66,15 @@ def runs(tmp_path_factory):
                              for a in r.values()) if not reply.has_error() else b"")
         return reply
 
-    he = _run(_cfg(base, "he"), he_dir, hook=record)
+    from unittest import mock
+
+    import fedstack.strategies.he.mod as he_mod_module
+
+    with mock.patch.object(he_mod_module, "decrypt_mean",
+                           wraps=he_mod_module.decrypt_mean) as counted:
+        he = _run(_cfg(base, "he"), he_dir, hook=record)
+    # Aggregate 1 serves evaluate(1) and train(2) but is decrypted once per node.
+    assert counted.call_count == 2 * NUM_CLIENTS
     plain = _run(_cfg(base, "fedavg"), plain_dir)
     return he, plain, he_dir, seen
 

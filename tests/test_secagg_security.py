@@ -11,7 +11,7 @@ from fedstack.crypto.keys import derive_key, pair_key
 from fedstack.crypto.prg import expand
 from fedstack.crypto.quantise import FixedPointCodec, auto_scale
 from fedstack.strategies.secagg.client import PURPOSE_MASK, ClientState, SecAggClient
-from fedstack.strategies.secagg.errors import ProtocolViolation
+from fedstack.strategies.secagg.errors import ProtocolViolation, SecAggAbort
 from fedstack.strategies.secagg.messages import UnmaskRequest
 from fedstack.strategies.secagg.params import ProtocolParams
 from fedstack.strategies.secagg.server import ServerRound
@@ -172,3 +172,22 @@ def test_server_rejects_malformed_replies_as_dropouts():
     rnd.server.receive_masked(masked)
     assert set(rnd.server.rejected) == {20, 30, 40} and rnd.server.survivors == [10, 50, 60, 70, 80]
     assert "uint32" in rnd.server.rejected[20] and "round 7" in rnd.server.rejected[40]
+
+
+def test_copied_public_key_excludes_its_holders_not_the_round():
+    fed = SimulatedFederation(PARAMS, NODES)
+    adverts = fed.advertise(1, NODES)
+    adverts[50] = replace(adverts[50], mask_pk=adverts[40].mask_pk)  # 50 copies 40's key
+    server = ServerRound(1, PARAMS, D + 1, adverts)
+    assert server.participants == [10, 20, 30] and set(server.rejected) == {40, 50}
+
+
+def test_more_participants_than_the_no_wrap_bound_are_refused():
+    small = ProtocolParams(FixedPointCodec(32, 2.0, 1024.0, 4, 100), threshold=0.6)
+    fed = SimulatedFederation(small, NODES)
+    with pytest.raises(SecAggAbort, match="max_clients"):
+        ServerRound(1, small, D + 1, fed.advertise(1, NODES))
+    honest = ServerRound(1, PARAMS, D + 1, fed.advertise(1, NODES))
+    client = SecAggClient(small, ClientState.from_bytes(fed.states[10]))
+    with pytest.raises(ProtocolViolation, match="max_clients"):
+        client.share(honest.share_requests()[10])

@@ -55,6 +55,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 TERM_GRACE_S = 5.0
 #: Seconds to wait for the SuperLink to accept connections.
 STARTUP_TIMEOUT_S = 60.0
+#: Seconds `flwr run` may outlive a dead SuperLink before the harness ends it.
+SUPERLINK_GONE_GRACE_S = 5.0
 #: Run config keys the app declares (pyproject [tool.flwr.app.config]).
 OVERRIDES_KEY = "overrides"
 
@@ -272,8 +274,17 @@ class LocalDeployment:
             if self._closed:
                 return
             self._closed = True
+        # SIGTERM every group at once, then wait, then SIGKILL what is left: one grace
+        # period in total, not one per process.
+        live = [p for p in reversed(self._processes) if p.alive()]
+        for process in live:
+            process.signal_group(signal.SIGTERM)
+        deadline = time.monotonic() + TERM_GRACE_S
+        for process in live:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
         for process in reversed(self._processes):
-            process.stop()
+            process.stop(kill=True, grace=1.0)
         _LIVE.discard(self)
         if self._tmp is not None:
             with contextlib.suppress(OSError):
@@ -434,6 +445,11 @@ class LocalDeployment:
         lines: list[str] = []
         timer = threading.Timer(timeout, lambda: _kill_group(proc.pid))
         timer.start()
+        finished = threading.Event()
+        # `flwr run --stream` keeps retrying a SuperLink that died; a crashed SuperLink ends
+        # the command here so that a fault test can restart it and resume.
+        threading.Thread(target=self._end_run_if_superlink_dies, args=(proc, finished),
+                         daemon=True).start()
         try:
             assert proc.stdout is not None
             with open(log_path, "w") as log_file:
@@ -445,6 +461,7 @@ class LocalDeployment:
                         on_line(line)
             proc.wait()
         finally:
+            finished.set()
             timer.cancel()
             if proc.poll() is None:
                 _kill_group(proc.pid)
@@ -462,6 +479,15 @@ class LocalDeployment:
                 result.history = [json.loads(line) for line in
                                   history_path.read_text().splitlines() if line.strip()]
         return result
+
+    def _end_run_if_superlink_dies(self, proc: subprocess.Popen[str],
+                                   finished: threading.Event) -> None:
+        while not finished.wait(1.0):
+            if self.superlink is None or not self.superlink.alive():
+                time.sleep(SUPERLINK_GONE_GRACE_S)
+                if proc.poll() is None:
+                    _kill_group(proc.pid)
+                return
 
     def _find_run_dir(self, overrides: Sequence[str], run_name: str | None) -> Path | None:
         for item in overrides:

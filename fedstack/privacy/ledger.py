@@ -93,7 +93,7 @@ class PrivacyLedger:
             client = round_log.client_partitions.get(node, metrics.get("partition-id", node))
             self.record_reply(server_round, _client_name(client), metrics,
                               reason=round_log.declined.get(node))
-        if server_round not in self.rounds_closed:
+        if server_round >= 1 and server_round not in self.rounds_closed:
             self.rounds_closed.append(server_round)
         record.update(self.round_columns(server_round))
         self.write()
@@ -185,7 +185,8 @@ class PrivacyLedger:
         return {
             "epsilon_max": max(latest.values()) if latest else None,
             "epsilon_per_client": latest,
-            "dp_exhausted": sorted((e.client for e in this_round if e.exhausted), key=client_sort_key),
+            "dp_exhausted": sorted((e.client for e in this_round if e.exhausted),
+                                   key=client_sort_key),
         }
 
     def summary(self) -> dict[str, Any]:

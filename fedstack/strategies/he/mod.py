@@ -37,8 +37,10 @@ from fedstack.strategies.reply_validation import NUM_EXAMPLES_KEY
 HE_KEY_ERROR_CODE = 4020
 HE_CIPHERTEXT_ERROR_CODE = 4021
 HE_ENCRYPT_ERROR_CODE = 4022
-#: Node-state key of the last decrypted global model (ArrayRecord + ConfigRecord digest).
+#: Node-state keys of the last decrypted global model and of its ciphertexts' digest (one
+#: RecordDict namespace for every record type, hence two names).
 PLAIN_CACHE_KEY = "fedstack.he.plain"
+PLAIN_DIGEST_KEY = "fedstack.he.plain-digest"
 
 CallNext = Callable[[Message, Context], Message]
 
@@ -57,7 +59,7 @@ def _decrypted(context: Context, ctx: SecretContext, encrypted: EncryptedVector,
     ciphertexts' digest. It never leaves the node.
     """
     digest = encrypted.digest() + ":" + ctx.fingerprint
-    cached = context.state.config_records.get(PLAIN_CACHE_KEY)
+    cached = context.state.config_records.get(PLAIN_DIGEST_KEY)
     if cached is not None and cached.get("digest") == digest:
         cached_arrays = context.state.array_records.get(PLAIN_CACHE_KEY)
         if cached_arrays is not None:
@@ -65,7 +67,7 @@ def _decrypted(context: Context, ctx: SecretContext, encrypted: EncryptedVector,
     mean = decrypt_mean(ctx, encrypted, scale_bits=scale_bits, max_weight=max_weight)
     plain = layout.unflatten(mean.mean)
     context.state.array_records[PLAIN_CACHE_KEY] = plain
-    context.state.config_records[PLAIN_CACHE_KEY] = ConfigRecord({"digest": digest})
+    context.state.config_records[PLAIN_DIGEST_KEY] = ConfigRecord({"digest": digest})
     return ArrayRecord({k: plain[k] for k in plain})
 
 

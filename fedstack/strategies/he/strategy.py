@@ -153,8 +153,10 @@ class HEFedAvg(WeightedFedAvg):
         record = content.metric_records.get("metrics")
         if record is None or NUM_EXAMPLES_KEY not in record:
             raise InvalidReply(f"no '{NUM_EXAMPLES_KEY}' in the metrics")
-        n = check_num_examples(record[NUM_EXAMPLES_KEY],
-                               min(self.max_num_examples, int(self.settings.max_weight)))
+        n = check_num_examples(record[NUM_EXAMPLES_KEY], self.max_num_examples)
+        if n > int(self.settings.max_weight):
+            raise InvalidReply(f"'{NUM_EXAMPLES_KEY}'={n} exceeds aggregation.max_weight="
+                               f"{self.settings.max_weight}")
         bad = [k for k, v in metrics.items() if not math.isfinite(v)]
         if bad:
             raise InvalidReply(f"non-finite metrics {bad}")

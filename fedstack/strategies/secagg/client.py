@@ -69,7 +69,6 @@ class RoundRecord:
     mask_sk: str
     self_seed: str = ""
     neighbours: list[int] = field(default_factory=list)
-    x_coords: dict[str, int] = field(default_factory=dict)  # node -> Shamir x (str keys: JSON)
     peer_mask_pk: dict[str, str] = field(default_factory=dict)
     peer_enc_pk: dict[str, str] = field(default_factory=dict)
     shares: dict[str, str] = field(default_factory=dict)  # owner -> b64(self share || key share)
@@ -160,6 +159,11 @@ class SecAggClient:
         if self.node not in participants:
             raise ProtocolViolation(f"node {self.node}: not among the round's participants")
         n = len(participants)
+        if n > self.params.codec.max_clients:
+            raise ProtocolViolation(
+                f"node {self.node}: {n} participants exceed max_clients="
+                f"{self.params.codec.max_clients}; the masked sum could wrap"
+            )
         try:
             t = self.params.round_threshold(n)
         except ValueError as exc:
@@ -190,12 +194,11 @@ class SecAggClient:
                 raise ProtocolViolation(f"node {self.node}: duplicate public key in share request")
             seen |= {enc_pk, mask_pk}
         index = {v: i + 1 for i, v in enumerate(participants)}
-        holders = expected
         self_seed = os.urandom(SECRET_BYTES)  # b_u: fresh every round
         secrets = np.frombuffer(self_seed + _unb64(rec.mask_sk), dtype=np.uint8).reshape(
             2, SECRET_BYTES
         )
-        shares = split(secrets, len(holders), t, np.array([index[h] for h in holders]))
+        shares = split(secrets, len(expected), t, np.array([index[h] for h in expected]))
         enc_keys = pair_keys(
             _unb64(rec.enc_sk),
             self.node,
@@ -204,7 +207,7 @@ class SecAggClient:
             req.round_num,
         )
         out: dict[int, bytes] = {}
-        for col, h in enumerate(holders):
+        for col, h in enumerate(expected):
             body = shares[0, col].astype("<u4").tobytes() + shares[1, col].astype("<u4").tobytes()
             if h == self.node:
                 rec.shares[str(h)] = _b64(body)
@@ -217,7 +220,6 @@ class SecAggClient:
         rec.threshold = t
         rec.self_seed = _b64(self_seed)
         rec.neighbours = nbrs
-        rec.x_coords = {str(h): index[h] for h in holders}
         rec.peer_enc_pk = {str(v): _b64(req.keys[v][0]) for v in nbrs}
         rec.peer_mask_pk = {str(v): _b64(req.keys[v][1]) for v in nbrs}
         return ShareReply(self.node, req.round_num, out)

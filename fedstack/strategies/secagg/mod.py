@@ -146,7 +146,8 @@ def _masked_input(
     layout = ModelLayout.from_arrays(msg.content.array_records["arrays"])
     try:
         reply = call_next(msg, context)
-    except Exception as exc:
+    except Exception as exc:  # any training failure is this round's dropout, not a crash:
+        # the reply still carries the keys for the next round
         out[wire.FAILED] = f"train handler raised {type(exc).__name__}: {exc}"
         return {}
     if reply.has_error():

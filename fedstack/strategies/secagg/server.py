@@ -56,18 +56,16 @@ class ServerRound:
     rejected: dict[int, str] = field(default_factory=dict)  # node -> reason, for the round log
 
     def __post_init__(self) -> None:
-        keys: set[bytes] = set()
-        for node, adv in self.adverts.items():
-            adv.validate()
-            if adv.node != node or adv.round_num != self.round_num:
-                raise ProtocolViolation(
-                    f"advert of node {node} is for node {adv.node}, round {adv.round_num}"
-                )
-            if {adv.enc_pk, adv.mask_pk} & keys:
-                raise ProtocolViolation(f"advert of node {node} repeats another party's key")
-            keys |= {adv.enc_pk, adv.mask_pk}
+        self.adverts = self._screen_adverts(self.adverts)
         self.participants = sorted(self.adverts)
         n = len(self.participants)
+        if n > self.params.codec.max_clients:
+            raise SecAggAbort(
+                self.round_num,
+                STAGE_SHARE,
+                f"{n} participants exceed max_clients={self.params.codec.max_clients}, "
+                "the bound under which the ring sum cannot wrap",
+            )
         try:
             self.threshold = self.params.round_threshold(n)
         except ValueError as exc:
@@ -81,6 +79,30 @@ class ServerRound:
         self._cts: dict[int, dict[int, bytes]] = {}
         self._total = np.zeros(self.vector_len, dtype=self.params.codec.dtype)
         self._requests: dict[int, UnmaskRequest] = {}
+
+    def _screen_adverts(self, adverts: dict[int, Advert]) -> dict[int, Advert]:
+        """Drop malformed adverts and every party whose public key is not unique (a copied
+        key must not abort the round for everyone)."""
+        owners: dict[bytes, list[int]] = {}
+        valid: dict[int, Advert] = {}
+        for node, adv in adverts.items():
+            try:
+                adv.validate()
+                if adv.node != node or adv.round_num != self.round_num:
+                    raise ProtocolViolation(
+                        f"advert of node {node} is for node {adv.node}, round {adv.round_num}"
+                    )
+            except ProtocolViolation as exc:
+                self._reject(node, str(exc))
+                continue
+            valid[node] = adv
+            for key in (adv.enc_pk, adv.mask_pk):
+                owners.setdefault(key, []).append(node)
+        for nodes in owners.values():
+            for node in nodes if len(nodes) > 1 else []:
+                self._reject(node, "advert repeats a public key of another party")
+                valid.pop(node, None)
+        return valid
 
     def _expect_stage(self, stage: str) -> None:
         if self.stage != stage:

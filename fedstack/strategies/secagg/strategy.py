@@ -120,6 +120,8 @@ class SecAggFedAvg(WeightedFedAvg):
         return out
 
     def _note_dropout(self, node: int, reason: str) -> None:
+        """Like the base's ``_reject`` but keeps the node's train metrics: a node that drops
+        while unmasking did train (and, under DP, spent privacy budget)."""
         self.round_log.rejected[node] = reason
         log.warning("round %s: node %s dropped: %s", self.round_log.server_round, node, reason)
 
@@ -177,10 +179,10 @@ class SecAggFedAvg(WeightedFedAvg):
 
     def _new_round(self, server_round: int, adverts: dict[int, Advert]) -> ServerRound:
         assert self._layout is not None
-        try:
-            return ServerRound(server_round, self.params, self._layout.size + 1, adverts)
-        except ProtocolViolation as exc:
-            raise SecAggAbort(server_round, "advertise", str(exc)) from exc
+        srv = ServerRound(server_round, self.params, self._layout.size + 1, adverts)
+        for node, reason in srv.rejected.items():
+            self._note_dropout(node, reason)
+        return srv
 
     def _close_shares(self, srv: ServerRound, shares: dict) -> dict[int, MaskRequest]:
         reqs = srv.receive_shares(shares)
