@@ -174,7 +174,7 @@ def print_speed(result: dict[str, Any]) -> None:
 #: Training settings of the sweep, the same for every ε (∞ = dp=none): DP-SGD needs more
 #: rounds than plain SGD to converge, so the no-DP baseline gets the same budget of rounds.
 SWEEP_SETTINGS = ["task=digits", "num_clients=5", "log_table=false"]
-SWEEP_ROUNDS, SWEEP_ROUNDS_QUICK = 20, 8
+SWEEP_ROUNDS, SWEEP_ROUNDS_QUICK = 12, 6
 
 
 def _fedstack_multirun(overrides: list[str]) -> None:
@@ -198,21 +198,29 @@ def _collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
             "final_accuracy": summary["final_accuracy"],
             "epsilon_max": summary.get("epsilon_max"),
             "rounds_completed": summary["rounds_completed"],
+            "num_rounds": summary["num_rounds"],
             "run_dir": summary["run_dir"],
         })
     return rows
 
 
-def run_utility(quick: bool, out_dir: Path) -> dict[str, Any]:
-    """Two `fedstack run -m` sweeps (DP over the ε grid, and dp=none) over both partitions."""
-    rounds = SWEEP_ROUNDS_QUICK if quick else SWEEP_ROUNDS
+def run_utility(quick: bool, out_dir: Path, partitions: list[str], rounds: int | None,
+                collect_only: bool) -> dict[str, Any]:
+    """Two `fedstack run -m` sweeps (DP over the ε grid, and dp=none) per partition list.
+
+    `collect_only` re-reads the runs already under `out_dir` (e.g. when the partitions ran
+    as two processes side by side) and only builds the table.
+    """
+    rounds = rounds or (SWEEP_ROUNDS_QUICK if quick else SWEEP_ROUNDS)
     epsilons = ["1", "8"] if quick else [e for e in SWEEP_EPSILONS if e != "inf"]
     common = [*SWEEP_SETTINGS, f"num_rounds={rounds}",
-              f"partition={','.join(SWEEP_PARTITIONS)}", f"output_dir={out_dir}"]
+              f"partition={','.join(partitions)}", f"output_dir={out_dir}"]
     started = time.time()
-    _fedstack_multirun([*common, "dp=local", f"dp.target_epsilon={','.join(epsilons)}"])
-    _fedstack_multirun([*common, "dp=none"])
+    if not collect_only:
+        _fedstack_multirun([*common, "dp=local", f"dp.target_epsilon={','.join(epsilons)}"])
+        _fedstack_multirun([*common, "dp=none"])
     rows = _collect_sweep(out_dir)
+    rounds = max((r["num_rounds"] for r in rows), default=rounds)
     table: dict[str, dict[str, float]] = {}
     for row in rows:
         table.setdefault(row["partition"], {})[str(row["target_epsilon"])] = row["final_accuracy"]
@@ -264,6 +272,13 @@ def main() -> None:
     parser.add_argument("--utility", action="store_true", help="part 2 only")
     parser.add_argument("--sweep-dir", default=None,
                         help="where the sweep's runs go (default: a new /tmp directory)")
+    parser.add_argument("--partitions", default=",".join(SWEEP_PARTITIONS),
+                        help="partitions of the sweep (comma-separated)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help=f"rounds per run (default {SWEEP_ROUNDS}, "
+                             f"--quick {SWEEP_ROUNDS_QUICK})")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="only tabulate the runs already in --sweep-dir")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for part 1 (default: torch's choice)")
     args = parser.parse_args()
@@ -280,7 +295,8 @@ def main() -> None:
         reps, warmup = (5, 1) if args.quick else (15, 2)
         speed = bench_speed(reps, warmup)
         print_speed(speed)
-        result["speed"] = {"reps": reps, "warmup": warmup, "cases": speed}
+        result["speed"] = {"reps": reps, "warmup": warmup, "torch_threads": torch.get_num_threads(),
+                           "cases": speed}
         result["default_mode"] = DEFAULT_MODE
         result["opacus_overhead_ratio"] = {
             case: r["modes"][DEFAULT_MODE]["ratio_vs_no_dp"] for case, r in speed.items()
@@ -293,11 +309,18 @@ def main() -> None:
               + ", ".join(f"{k} {v:.2f}x" for k, v in result["opacus_overhead_ratio"].items()))
     if do_utility:
         out_dir = Path(args.sweep_dir or f"/tmp/fedstack-dp-sweep-{int(time.time())}")
-        utility = run_utility(args.quick, out_dir)
+        utility = run_utility(args.quick, out_dir, args.partitions.split(","), args.rounds,
+                              args.collect_only)
         print_utility(utility)
         plot_utility(utility, PLOT_FILE)
         result["utility"] = utility
-    RESULT_FILE.write_text(json.dumps(result, indent=2))
+    # Re-read before writing: the two parts may run as separate (even concurrent) processes,
+    # and each must keep the other's results.
+    latest = json.loads(RESULT_FILE.read_text()) if RESULT_FILE.exists() else {}
+    fresh_keys = (["speed", "default_mode", "opacus_overhead_ratio", "best_opacus_mode_ratio"]
+                  if do_speed else []) + (["utility"] if do_utility else [])
+    latest.update({k: result[k] for k in ["machine", *fresh_keys]})
+    RESULT_FILE.write_text(json.dumps(latest, indent=2))
     print(f"wrote {RESULT_FILE}")
 
 

@@ -29,14 +29,19 @@ SIMULATION_CPUS_PER_CLIENT = 1
 USAGE = __doc__ or ""
 
 
-def run_in_simulation(cfg: Any) -> dict[str, Any]:
-    """Run one configured job through Flower's simulation runtime; returns its summary."""
+def run_in_simulation(cfg: Any, client_app: Any = None) -> dict[str, Any]:
+    """Run one configured job through Flower's simulation runtime; returns its summary.
+
+    `client_app` defaults to fedstack's; tests pass one with extra (fault-injecting) mods.
+    """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     from flwr.simulation import run_simulation
 
-    from fedstack.client_app import app as client_app
     from fedstack.server_app import run_server
+
+    if client_app is None:
+        from fedstack.client_app import app as client_app
 
     outcome: dict[str, Any] = {}
 

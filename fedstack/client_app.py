@@ -7,7 +7,7 @@ plaintext models and never know which protocol carries their update.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -15,9 +15,10 @@ from flwr.clientapp import ClientApp
 from fedstack.config import config_from_message
 from fedstack.strategies.client_mods import protocol_mod
 from fedstack.strategies.reply_validation import DECLINE_RECORD, DECLINED_KEY, NUM_EXAMPLES_KEY
-from fedstack.task.client_data import ClientData, load_client_data
-from fedstack.task.models import build_model
-from fedstack.task.training import LocalTrainer, SGDTrainer, evaluate_model
+
+if TYPE_CHECKING:  # torch-backed: imported inside the handlers (see _client_setup)
+    from fedstack.task.client_data import ClientData
+    from fedstack.task.training import LocalTrainer
 
 #: Node-config keys that place this node's data (set by simulation, or by
 #: `flower-supernode --node-config "partition-id=0 num-partitions=3"` in deployment).
@@ -40,6 +41,12 @@ def partition_of(context: Context) -> tuple[int, int]:
 
 
 def _client_setup(msg: Message, context: Context) -> tuple[Any, int, ClientData, Any]:
+    # Deployment runs every message in a fresh ClientApp process: torch (~2 s of imports,
+    # far more with several SuperNodes per core) is imported only by messages that reach a
+    # handler, not by protocol stages a mod answers alone (secagg unmask/advertise/share).
+    from fedstack.task.client_data import load_client_data
+    from fedstack.task.models import build_model
+
     cfg = config_from_message(msg, context)
     partition_id, num_partitions = partition_of(context)
     data = load_client_data(cfg, partition_id, num_partitions)
@@ -51,6 +58,8 @@ def _client_setup(msg: Message, context: Context) -> tuple[Any, int, ClientData,
 def local_trainer(cfg: Any, context: Context, partition_id: int, data: ClientData) -> LocalTrainer:
     """Plain SGD, or DP-SGD when `dp=local` (the privacy layer keeps its state in `context`)."""
     if cfg.dp.name == "none":
+        from fedstack.task.training import SGDTrainer
+
         return SGDTrainer(cfg.task, int(cfg.seed), partition_id)
     from fedstack.strategies import load_object
 
@@ -81,6 +90,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate(mods=[protocol_mod])
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the local validation split."""
+    from fedstack.task.training import evaluate_model
+
     _, partition_id, data, model = _client_setup(msg, context)
     loss, accuracy = evaluate_model(model, data.x_val, data.y_val)
     return Message(RecordDict({"metrics": MetricRecord({

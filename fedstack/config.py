@@ -96,9 +96,9 @@ class TaskSettings:
         _check(0.0 <= self.momentum < 1.0, "task.momentum", self.momentum, "must be in [0, 1)")
         _check(self.optimizer in ("sgd", "adam"), "task.optimizer", self.optimizer,
                "must be one of: sgd, adam")
-        from fedstack.task.models import MODEL_BUILDERS
+        from fedstack.task.model_names import MODEL_NAMES
 
-        allowed = sorted(MODEL_BUILDERS) + (["auto"] if self.name == "hf" else [])
+        allowed = sorted(MODEL_NAMES) + (["auto"] if self.name == "hf" else [])
         _check(self.model in allowed, "task.model", self.model,
                f"must be one of: {', '.join(allowed)}")
 

@@ -74,14 +74,8 @@ def central_evaluator(cfg: DictConfig) -> Any:
 
 def build_listeners(cfg: DictConfig, run_dir: Path, strategy: Any,
                     resuming: bool) -> list[RoundListener]:
-    try:  # TEMPORARY until the privacy ledger lands
-        ledger_cls = load_object(PRIVACY_LEDGER)
-    except (ImportError, AttributeError, TypeError):
-        return []
-    try:
-        return [ledger_cls(run_dir=run_dir, cfg=cfg, strategy=strategy, resume=resuming)]
-    except TypeError:
-        return []
+    ledger_cls = load_object(PRIVACY_LEDGER)
+    return [ledger_cls(run_dir=run_dir, cfg=cfg, strategy=strategy, resume=resuming)]
 
 
 def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from types import SimpleNamespace
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Message, RecordDict
@@ -54,8 +55,9 @@ class InProcessGrid(Grid):
         pass
 
     @property
-    def run(self):  # pragma: no cover - not used in tests
-        raise NotImplementedError
+    def run(self) -> SimpleNamespace:
+        # Flower's legacy workflows (SecAgg+ in the benchmarks) read grid.run.run_id.
+        return SimpleNamespace(run_id=RUN_ID)
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
                        group_id: str, ttl: float | None = None) -> Message:
@@ -76,8 +78,10 @@ class InProcessGrid(Grid):
         replies = []
         for msg in messages:
             node = msg.metadata.dst_node_id
+            message_id = uuid.uuid4().hex
+            msg.metadata.__dict__["_message_id"] = message_id  # as Flower's grids do
             stamped = make_message(Metadata(
-                run_id=RUN_ID, message_id=uuid.uuid4().hex, src_node_id=SERVER_NODE_ID,
+                run_id=RUN_ID, message_id=message_id, src_node_id=SERVER_NODE_ID,
                 dst_node_id=node, reply_to_message_id="", group_id=msg.metadata.group_id,
                 created_at=time.time(), ttl=DEFAULT_TTL,
                 message_type=msg.metadata.message_type), content=msg.content)

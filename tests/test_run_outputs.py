@@ -52,8 +52,9 @@ def test_run_writes_every_output(tmp_path: Path) -> None:
         assert key in saved
     assert saved["rounds_completed"] == 3 and saved["final_accuracy"] > 0.85
     assert saved["aggregation"] == "fedavg" and saved["task"] == "breast_cancer"
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("round-*.npz")) == [
-        "round-0001.npz", "round-0002.npz", "round-0003.npz"]
+    # round 0 is the initial model (a fresh start point for resume), then one per round
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").glob("round-*.npz"))
+    assert checkpoints == [f"round-{r:04d}.npz" for r in range(4)]
     for png in ("accuracy.png", "loss.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

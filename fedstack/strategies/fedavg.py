@@ -185,6 +185,8 @@ class WeightedFedAvg(Strategy):
         self.stop_reason: str | None = None
         self._spec: ArraySpec | None = None
         self._grid: Grid | None = None
+        #: message id -> destination node of what we sent (to attribute error replies).
+        self._reply_dst: dict[str, int] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -204,13 +206,27 @@ class WeightedFedAvg(Strategy):
         started = time.perf_counter()
         self.round_log.bytes_down += sum(payload_bytes(m.content) for m in messages)
         replies = list(grid.send_and_receive(messages, timeout=timeout or self.timeout))
+        self._reply_dst.update({m.metadata.message_id: m.metadata.dst_node_id for m in messages
+                                if m.metadata.message_id})
         self.round_log.exchanges += 1
         self.round_log.bytes_up += sum(payload_bytes(r.content) for r in replies
                                        if not r.has_error())
         self.round_log.add_seconds(phase, time.perf_counter() - started)
         return replies
 
-    def sample_nodes(self, grid: Grid, fraction: float, min_nodes: int, phase: str) -> list[int]:
+    def reply_node(self, msg: Message) -> int:
+        """The node a reply is about.
+
+        In deployment the SuperLink itself answers for an unreachable node (an error reply
+        whose source is the SuperLink): attribute it to the node the request went to.
+        """
+        if msg.has_error():
+            return self._reply_dst.get(msg.metadata.reply_to_message_id,
+                                       msg.metadata.src_node_id)
+        return msg.metadata.src_node_id
+
+    def sample_nodes(self, grid: Grid, fraction: float, min_nodes: int, phase: str,
+                     server_round: int | None = None) -> list[int]:
         """Sample max(min_nodes, ceil(fraction * available)) nodes, seeded by the run seed.
 
         Waits up to the timeout for `min_nodes` to be connected; returns [] (and marks
@@ -228,7 +244,8 @@ class WeightedFedAvg(Strategy):
         if len(available) < max(min_nodes, 1):
             return []
         count = min(len(available), max(min_nodes, math.ceil(fraction * len(available))))
-        rng = random.Random(f"{self.seed}:{self.round_log.server_round}:{phase}")
+        rnd = self.round_log.server_round if server_round is None else server_round
+        rng = random.Random(f"{self.seed}:{rnd}:{phase}")
         return sorted(rng.sample(available, count))
 
     @staticmethod
@@ -278,7 +295,7 @@ class WeightedFedAvg(Strategy):
         valid: list[ValidReply] = []
         seen: set[int] = set()
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self.reply_node(msg)
             try:
                 if node in seen:
                     raise InvalidReply("duplicate reply from the same node")
@@ -387,7 +404,7 @@ class WeightedFedAvg(Strategy):
                            ) -> MetricRecord | None:
         items: list[tuple[int, dict[str, float]]] = []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = self.reply_node(msg)
             if msg.has_error():
                 log.warning("round %s: evaluate error from node %s: %s", server_round, node,
                             msg.error.reason)

@@ -10,6 +10,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from fedstack.task.model_names import MODEL_NAMES
+
 
 class DigitsCNN(nn.Module):
     """Two 3x3 convolutions and a small classifier for 8x8 grayscale digits (~76k parameters)."""
@@ -65,6 +67,10 @@ MODEL_BUILDERS: dict[str, ModelBuilder] = {
     "tabular_mlp": TabularMLP,
     "image_cnn": ImageCNN,
 }
+
+
+if set(MODEL_BUILDERS) != set(MODEL_NAMES):  # pragma: no cover - import-time consistency
+    raise ImportError("fedstack.task.model_names.MODEL_NAMES is out of date")
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
