@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from fedstack.cli import run_in_simulation
 from fedstack.config import compose_config
 from fedstack.strategies.client_mods import protocol_mod
 
@@ -22,8 +23,6 @@ def _history(run_dir: str) -> list[dict]:
 
 
 def test_secagg_reaches_fedavg_accuracy(tmp_path):
-    from fedstack.cli import run_in_simulation
-
     runs = {}
     for agg in ("fedavg", "secagg"):
         cfg = compose_config(
@@ -78,32 +77,6 @@ def _crashing_client_app():
     return app
 
 
-def _simulate(cfg, client_app) -> dict:
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
-
-    from fedstack.cli import SIMULATION_CPUS_PER_CLIENT
-    from fedstack.server_app import run_server
-
-    outcome: dict = {}
-    server_app = ServerApp()
-
-    @server_app.main()
-    def _main(grid, context) -> None:
-        outcome["summary"] = run_server(grid, cfg)
-
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=int(cfg.num_clients),
-        backend_config={
-            "client_resources": {"num_cpus": SIMULATION_CPUS_PER_CLIENT, "num_gpus": 0.0}
-        },
-    )
-    assert "summary" in outcome, "the ServerApp did not finish"
-    return outcome["summary"]
-
-
 def test_run_survives_clients_failing_mid_round(tmp_path):
     cfg = compose_config(
         [
@@ -113,7 +86,7 @@ def test_run_survives_clients_failing_mid_round(tmp_path):
             "aggregation.stage_timeout=60",
         ]
     )
-    summary = _simulate(cfg, _crashing_client_app())
+    summary = run_in_simulation(cfg, _crashing_client_app())
     assert summary["rounds_completed"] == 3 and not summary["rounds_aborted"]
     rows = {r["round"]: r for r in _history(summary["run_dir"])}
     assert rows[2]["extra"]["secagg"]["survivors"] == 5  # crashed after its masked input

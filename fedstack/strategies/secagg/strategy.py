@@ -106,7 +106,7 @@ class SecAggFedAvg(WeightedFedAvg):
         replies = self.exchange(grid, messages, phase, timeout=float(self.settings.stage_timeout))
         out: dict[int, dict] = {}
         for rep in replies:
-            node = rep.metadata.src_node_id
+            node = self.reply_node(rep)
             if rep.has_error():
                 self._note_dropout(
                     node, f"{phase}: client error {rep.error.code}: {rep.error.reason}"
@@ -135,14 +135,10 @@ class SecAggFedAvg(WeightedFedAvg):
         return out
 
     def _sample_round(self, grid: Grid, server_round: int) -> list[int]:
-        # sample_nodes seeds its choice with round_log.server_round; sampling round r+1
-        # ahead of time (pipelining) must draw exactly what round r+1 would draw itself.
-        current = self.round_log.server_round
-        self.round_log.server_round = server_round
-        try:
-            return self.sample_nodes(grid, self.fraction_train, self.min_train_nodes, "train")
-        finally:
-            self.round_log.server_round = current
+        # Sampling round r+1 ahead of time (pipelining) must draw exactly what round r+1
+        # would draw itself.
+        return self.sample_nodes(grid, self.fraction_train, self.min_train_nodes, "train",
+                                 server_round=server_round)
 
     def _setup_round(
         self, grid: Grid, server_round: int, nodes: list[int]
