@@ -194,7 +194,7 @@ def _collect_sweep(sweep_dir: Path) -> list[dict[str, Any]]:
         target = cfg["dp"].get("target_epsilon") if cfg["dp"]["name"] == "local" else None
         rows.append({
             "partition": summary["partition"],
-            "target_epsilon": target if target is not None else "inf",
+            "target_epsilon": f"{float(target):g}" if target is not None else "inf",
             "final_accuracy": summary["final_accuracy"],
             "epsilon_max": summary.get("epsilon_max"),
             "rounds_completed": summary["rounds_completed"],

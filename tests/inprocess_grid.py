@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import time
 import uuid
-from types import SimpleNamespace
 from collections.abc import Callable, Iterable
+from types import SimpleNamespace
 
 from flwr.app import Context, Message, RecordDict
 from flwr.app.message.message import make_message

@@ -236,14 +236,15 @@ def test_malformed_updates_are_rejected_and_the_run_continues(
 
 def test_unregistered_or_plaintext_supernodes_cannot_join(
         deployment: LocalDeployment) -> None:
-    """Fault 4: a SuperNode with an unregistered key, one without a key, and one that speaks
-    plaintext to the TLS SuperLink (with a registered key) never come online."""
+    """Fault 4: SuperNodes with an unregistered key, without a key, or speaking plaintext to
+    the TLS SuperLink (with a registered key, or without a key) never come online."""
     before = {int(n["node-id"]) for n in deployment.wait_for_nodes(NUM_NODES)}
     node_config = {"partition-id": 0, "num-partitions": NUM_NODES}
     intruders = [
         deployment.add_supernode(10, node_config, register=False),
         deployment.add_supernode(11, node_config, with_key=False),
-        deployment.add_supernode(12, node_config, tls=False),
+        deployment.add_supernode(12, node_config, tls=False),  # Flower itself refuses
+        deployment.add_supernode(13, node_config, tls=False, with_key=False),
     ]
     try:
         deadline = time.monotonic() + 20

@@ -176,3 +176,35 @@ def test_harness_commands_use_tls_auth_and_loopback(tmp_path: Path) -> None:
         assert "insecure" not in config
     finally:
         dep.close()
+
+
+def test_fault_injection_spoils_only_the_payload(tmp_path: Path) -> None:
+    """The test ClientApp's tampering: NaN / wrong shape / random payload bytes."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, Context, RecordDict
+
+    from fedstack.deploy.fault_injection import _tamper_record, fault_app_dir, fault_kind
+
+    record = ArrayRecord({"meta": Array(np.frombuffer(b'{"n": 1}', dtype=np.uint8).copy()),
+                          "blob": Array(np.zeros(4096, dtype=np.uint8))})
+    spoiled = _tamper_record(record, "garbage")
+    assert bytes(spoiled["meta"].numpy()) == b'{"n": 1}'
+    assert spoiled["blob"].numpy().shape == (4096,) and spoiled["blob"].numpy().any()
+    weights = ArrayRecord({"w": Array(np.ones((3, 4), np.float32)),
+                           "b": Array(np.ones(3, np.float32))})
+    assert np.isnan(_tamper_record(weights, "nan")["w"].numpy()).all()
+    assert _tamper_record(weights, "shape")["w"].numpy().shape == (11,)
+    assert _tamper_record(weights, "shape")["b"].numpy().shape == (3,)
+
+    fault_file = tmp_path / "fault"
+    fault_file.write_text("nan\n")
+    ctx = Context(run_id=1, node_id=5, node_config={"fedstack-fault-file": str(fault_file)},
+                  state=RecordDict(), run_config={})
+    assert fault_kind(ctx) == "nan"
+    fault_file.write_text("bogus")
+    with pytest.raises(ValueError, match="fedstack-fault"):
+        fault_kind(ctx)
+    app = fault_app_dir(Path(__file__).resolve().parent.parent, tmp_path / "app")
+    text = (app / "pyproject.toml").read_text()
+    assert 'clientapp = "fedstack.deploy.fault_injection:app"' in text
+    assert 'serverapp = "fedstack.server_app:app"' in text

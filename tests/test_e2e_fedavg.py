@@ -13,24 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from fedstack.cli import run_in_simulation
-from fedstack.config import compose_config
-
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 
 
-def test_learning_digits_dirichlet_reaches_90_percent(tmp_path: Path) -> None:
+def test_learning_digits_dirichlet_reaches_90_percent(digits_baseline: dict) -> None:
     """digits, 5 clients, Dirichlet(0.5): >= 0.90 central test accuracy after 10 rounds."""
-    cfg = compose_config(["task=digits", "partition=dirichlet", "partition.alpha=0.5",
-                          "num_clients=5", "num_rounds=10", f"output_dir={tmp_path}",
-                          "run_name=learn"])
-    summary = run_in_simulation(cfg)
+    summary = digits_baseline
     assert summary["rounds_completed"] == 10
     assert summary["final_accuracy"] >= 0.90, summary
     history = [json.loads(line) for line in
-               (tmp_path / "learn" / "history.jsonl").read_text().splitlines()]
+               (Path(summary["run_dir"]) / "history.jsonl").read_text().splitlines()]
     assert len(history) == 11 and history[-1]["eval_accuracy"] > 0.85
     assert all(len(r["aggregated"]) == 5 for r in history[1:])
 

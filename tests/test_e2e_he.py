@@ -19,12 +19,12 @@ from fedstack.task.client_data import load_client_data
 from fedstack.task.datasets import load_task_data
 from fedstack.task.models import build_model
 from fedstack.task.training import evaluate_model
+from tests.conftest import DIGITS_BASELINE
 
 pytestmark = pytest.mark.e2e
 VENV_BIN = Path(sys.executable).parent
-ROUNDS = 5
-COMMON = ["task=digits", "partition=dirichlet", "num_clients=5", f"num_rounds={ROUNDS}",
-          "seed=7"]
+ROUNDS = 10  # DIGITS_BASELINE's num_rounds
+COMMON = DIGITS_BASELINE
 
 
 def _accuracy(cfg, arrays, x, y) -> float:
@@ -34,11 +34,11 @@ def _accuracy(cfg, arrays, x, y) -> float:
     return evaluate_model(model, x, y)[1]
 
 
-def test_he_matches_fedavg_and_decrypt_recovers_the_model(tmp_path: Path) -> None:
-    plain_cfg = compose_config([*COMMON, f"output_dir={tmp_path}", "run_name=plain"])
+def test_he_matches_fedavg_and_decrypt_recovers_the_model(tmp_path: Path,
+                                                         digits_baseline: dict) -> None:
     he_cfg = compose_config([*COMMON, "aggregation=he", f"output_dir={tmp_path}",
                              "run_name=he"])
-    plain = run_in_simulation(plain_cfg)
+    plain = digits_baseline
     he = run_in_simulation(he_cfg)
     assert he["rounds_completed"] == plain["rounds_completed"] == ROUNDS
     assert he["final_accuracy_source"] == "federated"  # the server cannot evaluate
@@ -74,8 +74,8 @@ def test_he_matches_fedavg_and_decrypt_recovers_the_model(tmp_path: Path) -> Non
     task = load_task_data(he_cfg.task, he_cfg.seed)
     test_acc = _accuracy(he_cfg, model, task.x_test, task.y_test)
     assert abs(test_acc - plain["final_accuracy"]) <= 0.01
-    plain_model = load_checkpoint(tmp_path / "plain" / "checkpoints" /
+    plain_model = load_checkpoint(Path(plain["run_dir"]) / "checkpoints" /
                                   f"round-{ROUNDS:04d}.npz")
-    # CKKS noise (~1e-9 per round) is amplified by five rounds of SGD, not more than that.
+    # CKKS noise (~1e-9 per round) is amplified by ten rounds of SGD, not more than that.
     for name in plain_model.keys():  # noqa: SIM118 (ArrayRecord)
         assert np.max(np.abs(plain_model[name].numpy() - model[name].numpy())) < 1e-3

@@ -10,30 +10,24 @@ import pytest
 from fedstack.cli import run_in_simulation
 from fedstack.config import compose_config
 from fedstack.strategies.client_mods import protocol_mod
+from tests.conftest import DIGITS_BASELINE
 
 pytestmark = pytest.mark.e2e
 
 #: Rounds for the parity run: enough for digits to converge (~97%), so that the tiny
 #: quantisation differences cannot move the final accuracy by a point.
-PARITY_ROUNDS = 8
+PARITY_ROUNDS = 10  # DIGITS_BASELINE's num_rounds
 
 
 def _history(run_dir: str) -> list[dict]:
     return [json.loads(line) for line in Path(run_dir, "history.jsonl").read_text().splitlines()]
 
 
-def test_secagg_reaches_fedavg_accuracy(tmp_path):
-    runs = {}
-    for agg in ("fedavg", "secagg"):
-        cfg = compose_config(
-            [
-                f"aggregation={agg}",
-                f"num_rounds={PARITY_ROUNDS}",
-                f"output_dir={tmp_path}",
-                f"run_name={agg}",
-            ]
-        )
-        runs[agg] = run_in_simulation(cfg)
+def test_secagg_reaches_fedavg_accuracy(tmp_path, digits_baseline):
+    cfg = compose_config(
+        [*DIGITS_BASELINE, "aggregation=secagg", f"output_dir={tmp_path}", "run_name=secagg"]
+    )
+    runs = {"fedavg": digits_baseline, "secagg": run_in_simulation(cfg)}
     assert (
         runs["secagg"]["rounds_completed"] == PARITY_ROUNDS and not runs["secagg"]["rounds_aborted"]
     )

@@ -6,8 +6,10 @@ with every reply of its train handler/protocol mod that carries arrays:
 
     nan      the first float array of the update becomes NaN
     shape    the first array loses its last element (wrong shape)
-    garbage  every byte array (ciphertexts, masked words) is replaced by random bytes of the
-             same length; float arrays get random bytes as well
+    garbage  the largest array of each record (the payload: ciphertext blob, masked words
+             or the biggest weight tensor) becomes random bytes of the same size, dtype and
+             shape; the small metadata arrays beside it stay intact, so the receiver must
+             notice the payload itself
     none     no tampering
 
 Every other node behaves exactly like `fedstack.client_app:app`. The app is used only by
@@ -50,6 +52,7 @@ def fault_kind(context: Context) -> str:
 def _tamper_record(record: ArrayRecord, kind: str) -> ArrayRecord:
     out: dict[str, Array] = {}
     first = True
+    largest = max(record, key=lambda n: record[n].numpy().nbytes) if len(record) else None
     for name in record:
         values = record[name].numpy()
         if kind == "nan" and first and np.issubdtype(values.dtype, np.floating):
@@ -58,7 +61,7 @@ def _tamper_record(record: ArrayRecord, kind: str) -> ArrayRecord:
         elif kind == "shape" and first:
             values = values.reshape(-1)[:-1].copy()
             first = False
-        elif kind == "garbage":
+        elif kind == "garbage" and name == largest:
             raw = np.frombuffer(os.urandom(values.nbytes), dtype=np.uint8)
             values = raw.view(values.dtype).reshape(values.shape).copy()
         out[name] = Array(np.ascontiguousarray(values))
