@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
+import re
 import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -56,6 +57,7 @@ class RootSettings:
     output_dir: str = "outputs"
     run_name: str | None = None
     resume: str | None = None
+    run_id: str | None = None
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_train_nodes: int = 2
@@ -277,6 +279,9 @@ def _cross_checks(cfg: DictConfig) -> None:
     _check(cfg.max_num_examples >= 1, "max_num_examples", cfg.max_num_examples, "must be >= 1")
     _check(cfg.round_timeout > 0, "round_timeout", cfg.round_timeout, "must be > 0")
     _check(bool(cfg.output_dir), "output_dir", cfg.output_dir, "must not be empty")
+    if cfg.run_id is not None:
+        _check(re.fullmatch(r"[0-9a-f]{32}", str(cfg.run_id)) is not None, "run_id", cfg.run_id,
+               "is assigned by the server (32 hex digits); leave it null")
     if cfg.partition.name == "shards":
         _check(cfg.task.name != "hf" or cfg.task.label_column is not None,
                "partition", "shards", "needs task.label_column")
@@ -365,6 +370,13 @@ def _cached_parse(text: str) -> DictConfig:
             _PARSE_CACHE.clear()
         cfg = _PARSE_CACHE[text] = config_from_yaml(text)
     return cfg
+
+
+def with_values(cfg: DictConfig, **values: Any) -> DictConfig:
+    """A validated copy of `cfg` with top-level keys replaced (configs are read-only)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.update(values)  # type: ignore[union-attr]
+    return validate_config(OmegaConf.create(data))
 
 
 def settings_of(node: DictConfig) -> Any:

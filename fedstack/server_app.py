@@ -7,6 +7,7 @@ in-process, where Flower gives the ServerApp no run config).
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from fedstack.config import (
     config_from_yaml,
     config_to_yaml,
     overrides_from_run_config,
+    with_values,
 )
 from fedstack.log import logger
 from fedstack.outputs.recorder import RoundListener, RunRecorder
@@ -54,6 +56,8 @@ def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path, int, ArrayRecord | N
         last_round, path = latest
         logger.info("resume: continuing %s after round %s (%s)", run_dir, last_round, path.name)
         return resumed, run_dir, last_round + 1, load_checkpoint(path)
+    if cfg.run_id is None:
+        cfg = with_values(cfg, run_id=uuid.uuid4().hex)
     run_dir = new_run_dir(cfg)
     (run_dir / CONFIG_FILE).write_text(config_to_yaml(cfg))
     return cfg, run_dir, 1, None

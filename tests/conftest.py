@@ -7,10 +7,16 @@ one per test, because CI has a time budget.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# Clients persist their DP accountant on "their disk"; keep the test suite's out of $HOME.
+# Set at import time so Ray workers and subprocesses started by tests inherit it.
+os.environ.setdefault("FEDSTACK_DP_STATE_DIR", tempfile.mkdtemp(prefix="fedstack-dp-state-"))
 
 #: The shared digits configuration: 5 clients, Dirichlet(0.5), 10 rounds, seed 42.
 DIGITS_BASELINE = ["task=digits", "partition=dirichlet", "partition.alpha=0.5",

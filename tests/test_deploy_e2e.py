@@ -247,12 +247,15 @@ def test_unregistered_or_plaintext_supernodes_cannot_join(
         deployment.add_supernode(13, node_config, tls=False, with_key=False),
     ]
     try:
+        # Wait until each intruder was turned away (a failed attempt or an exit), then a bit
+        # longer in case one of them would still get in.
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and not all(
-                "rror" in (spec.process.log_tail(20000) if spec.process else "")
+                spec.process is not None and (not spec.process.alive() or re.search(
+                    r"failed|Exit Code", spec.process.log_tail(20000)))
                 for spec in intruders):
             time.sleep(1)
-        time.sleep(2)
+        time.sleep(3)
         online = [n for n in deployment.connected_nodes() if n["status"] == "online"]
         ids = {int(n["node-id"]) for n in online}
         assert ids == before, online

@@ -108,3 +108,38 @@ def test_dp_none_report_says_no_dp(tmp_path: Path) -> None:
     assert summary["epsilon_max"] is None
     report = (tmp_path / "r" / "privacy_report.md").read_text()
     assert "no ε is accounted" in report and not (tmp_path / "r" / "epsilon.png").exists()
+
+
+def test_epsilon_survives_a_server_restart(tmp_path: Path, monkeypatch) -> None:
+    """A resumed run is a new Flower run (empty node state): ε must continue, not restart."""
+    monkeypatch.setenv("FEDSTACK_DP_STATE_DIR", str(tmp_path / "node-disk"))
+    cfg = compose_config([*BASE, "num_rounds=3", f"output_dir={tmp_path}", "run_name=r"])
+    grid = InProcessGrid(client_app, 3)
+
+    class PowerCut(RuntimeError):
+        pass
+
+    def die_in_round_2(node, request, reply):
+        if request.content["config"]["server-round"] == 2:
+            raise PowerCut
+        return reply
+
+    grid.reply_hook = die_in_round_2
+    with pytest.raises(PowerCut):
+        run_server(grid, cfg)
+    first = [json.loads(line) for line in (tmp_path / "r" / "history.jsonl").read_text()
+             .splitlines()][1]["epsilon"]
+    fresh = InProcessGrid(client_app, 3)  # new contexts: nothing in context.state
+    run_server(fresh, compose_config([f"resume={tmp_path / 'r'}"]))
+    rows = [json.loads(line) for line in (tmp_path / "r" / "history.jsonl").read_text()
+            .splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    for pid, eps in rows[2]["epsilon"].items():
+        assert eps > first[pid]
+        # Partition 0 answered first and trained round 2 before the server died: the server
+        # lost that round, but the client's privacy loss is real and still counts (3 rounds
+        # trained). The others trained rounds 1 and 2 once each.
+        trained = 3 if pid == "0" else 2
+        assert eps == pytest.approx(_one_shot_rdp(cfg, int(pid), trained), rel=1e-9)
+    files = sorted((tmp_path / "node-disk").glob("*/partition-*.json"))
+    assert len(files) == 3

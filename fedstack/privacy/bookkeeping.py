@@ -245,20 +245,20 @@ def _linear(module: nn.Linear, a: Tensor, g: Tensor) -> tuple[Tensor, _Finisher]
 
         return sq, finish
     # Sequence input (B, ..., d): treat the middle dims as T tokens (same algebra as conv).
-    a3 = a.reshape(batch, -1, a.shape[-1])  # (B, T, in)
+    a3 = a.reshape(batch, -1, a.shape[-1]).transpose(1, 2)  # (B, in, T)
     g3 = g.reshape(batch, -1, g.shape[-1]).transpose(1, 2)  # (B, out, T)
     return _token_layer(module.weight, module.bias, a3, g3)
 
 
 def _conv2d(module: nn.Conv2d, a: Tensor, g: Tensor) -> tuple[Tensor, _Finisher]:
     batch = a.shape[0]
-    cols = _im2col(a, module)  # (B, T, in*kh*kw)
+    cols = _im2col(a, module)  # (B, in*kh*kw, T)
     g3 = g.reshape(batch, g.shape[1], -1)  # (B, out, T)
     return _token_layer(module.weight, module.bias, cols, g3)
 
 
 def _im2col(x: Tensor, module: nn.Conv2d) -> Tensor:
-    """Input patches as (B, T, in*kh*kw): ``F.unfold``'s patches, token-major.
+    """Input patches as (B, in*kh*kw, T), the layout of ``F.unfold``.
 
     Built from strided views (one copy at the final reshape): measured ~2x faster than
     ``F.unfold`` on 2 CPU cores for our shapes.
@@ -273,21 +273,22 @@ def _im2col(x: Tensor, module: nn.Conv2d) -> Tensor:
     if d_h > 1 or d_w > 1:
         patches = patches[..., ::d_h, ::d_w]
     batch, channels, out_h, out_w = patches.shape[:4]
-    # Token-major (B, T, P) is the contiguous operand layout the batched matmuls below want.
-    return patches.permute(0, 2, 3, 1, 4, 5).reshape(batch, out_h * out_w, channels * k_h * k_w)
+    # Channel-major (B, P, T) copies ~5x faster than token-major here (memory order of the
+    # strided view), and bmm takes the transposed operand without a copy.
+    return patches.permute(0, 1, 4, 5, 2, 3).reshape(batch, channels * k_h * k_w, out_h * out_w)
 
 
 def _token_layer(
     weight: nn.Parameter, bias: nn.Parameter | None, a: Tensor, g: Tensor
 ) -> tuple[Tensor, _Finisher]:
-    """Layer whose per-example weight gradient is sum_t g[:, :, t] a[:, t, :].
+    """Layer whose per-example weight gradient is sum_t g[:, :, t] a[:, :, t]^T.
 
-    ``a`` is (B, T, P) and ``g`` is (B, O, T). Explicit per-example gradients (B, O, P)
+    ``a`` is (B, P, T) and ``g`` is (B, O, T). Explicit per-example gradients (B, O, P)
     cost the same multiply-adds as the non-private weight gradient and make the clipped
     sum a cheap weighted reduction, so they are used unless they would not fit the memory
     cap; then the Gram ("ghost") norm and a weighted contraction are used instead.
     """
-    batch, tokens, p_dim = a.shape
+    batch, p_dim, tokens = a.shape
     o_dim = g.shape[1]
     bias_g = g.sum(2) if _wants(bias) else None  # (B, O)
     sq = g.new_zeros(batch)
@@ -302,7 +303,7 @@ def _token_layer(
         return sq, finish_bias
 
     if batch * o_dim * p_dim <= MAX_PER_SAMPLE_ELEMENTS:
-        per_sample = torch.bmm(g, a).reshape(batch, -1)  # (B, O*P)
+        per_sample = torch.bmm(g, a.transpose(1, 2)).reshape(batch, -1)  # (B, O*P)
         sq = sq + _row_sq_norms(per_sample)
 
         def finish(c: Tensor) -> None:
@@ -312,13 +313,13 @@ def _token_layer(
 
         return sq, finish
 
-    gram_a = torch.bmm(a, a.transpose(1, 2))  # (B, T, T)
+    gram_a = torch.bmm(a.transpose(1, 2), a)  # (B, T, T)
     gram_g = torch.bmm(g.transpose(1, 2), g)
     sq = sq + (gram_a * gram_g).sum((1, 2))
 
     def finish_ghost(c: Tensor) -> None:
         gc = (g * c[:, None, None]).permute(1, 0, 2).reshape(o_dim, batch * tokens)
-        _acc_mm(weight, gc, a.reshape(batch * tokens, p_dim))
+        _acc_mm(weight, gc, a.transpose(1, 2).reshape(batch * tokens, p_dim))
         if bias_g is not None:
             _acc_mv(bias, bias_g.t(), c)
 

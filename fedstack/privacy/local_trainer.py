@@ -1,14 +1,19 @@
-"""Client-side glue to Flower: privacy state in `context.state`, budget from node config.
+"""Client-side glue to Flower: privacy state in `context.state` and on the node's disk.
 
 Why here and not in the engine: the engine stays free of Flower so it can be tested and
-benchmarked alone; this module is the one place that knows where Flower keeps per-node
-state. `context.state` survives across rounds in simulation and in deployment (where each
-message runs in a fresh process), so the accountant's history is stored there as a
-ConfigRecord after every trained round, and read back before the next.
+benchmarked alone; this module is the one place that knows where a node keeps its state.
+`context.state` survives across rounds in simulation and in deployment (where each message
+runs in a fresh process), but not across Flower runs: a run resumed after a server crash is a
+new Flower run with empty node state. So the accountant's history is also written to the
+data owner's own disk, keyed by the run's id (assigned by the server at creation and kept on
+resume), and the longer of the two histories wins: a restart can never reset a client's ε.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +28,11 @@ from fedstack.task.training import TrainOutcome
 
 #: ConfigRecord key of the privacy state in a node's `context.state`.
 PRIVACY_STATE_KEY = "fedstack.dp.state"
+#: Node-config key: directory on the data owner's machine where privacy state persists.
+NODE_STATE_DIR_KEY = "dp-state-dir"
+#: Environment fallback for that directory (then ~/.fedstack/dp-state).
+STATE_DIR_ENV = "FEDSTACK_DP_STATE_DIR"
+DEFAULT_STATE_DIR = Path("~/.fedstack/dp-state")
 
 
 def load_privacy_state(context: Any) -> PrivacyState | None:
@@ -34,6 +44,38 @@ def save_privacy_state(context: Any, state: PrivacyState) -> None:
     from flwr.app import ConfigRecord
 
     context.state.config_records[PRIVACY_STATE_KEY] = ConfigRecord(state.to_record())
+
+
+def state_file(cfg: Any, context: Any) -> Path | None:
+    """`<state dir>/<run id>/partition-<id>.json`, or None for a config without a run id."""
+    if not cfg.run_id:
+        return None
+    node_config = getattr(context, "node_config", None) or {}
+    base = (node_config.get(NODE_STATE_DIR_KEY) or os.environ.get(STATE_DIR_ENV)
+            or DEFAULT_STATE_DIR)
+    who = node_config.get("partition-id", getattr(context, "node_id", "unknown"))
+    return Path(str(base)).expanduser() / str(cfg.run_id) / f"partition-{who}.json"
+
+
+def load_disk_state(path: Path | None) -> PrivacyState | None:
+    if path is None or not path.exists():
+        return None
+    return PrivacyState.from_record(json.loads(path.read_text()))
+
+
+def save_disk_state(path: Path | None, state: PrivacyState) -> None:
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state.to_record()))
+    os.replace(tmp, path)
+
+
+def longer_history(*states: PrivacyState | None) -> PrivacyState | None:
+    """The state that accounts for the most steps (the honest one after a restart)."""
+    present = [s for s in states if s is not None]
+    return max(present, key=lambda s: s.steps) if present else None
 
 
 def node_max_epsilon(context: Any) -> float | None:
@@ -52,11 +94,12 @@ class ContextDPTrainer:
         if not isinstance(settings, LocalDPSettings):
             raise TypeError(f"dp={cfg.dp.name!r} is not local DP")
         self.context = context
+        self.state_path = state_file(cfg, context)
         self.trainer = DPTrainer(
             cfg.task,
             settings,
             planned_rounds=int(cfg.num_rounds),
-            state=load_privacy_state(context),
+            state=longer_history(load_privacy_state(context), load_disk_state(self.state_path)),
             node_max_epsilon=node_max_epsilon(context),
             generator=generator,
         )
@@ -65,6 +108,7 @@ class ContextDPTrainer:
         outcome = self.trainer.train(model, data, server_round)
         if self.trainer.state is not None:
             save_privacy_state(self.context, self.trainer.state)
+            save_disk_state(self.state_path, self.trainer.state)
         return outcome
 
 
