@@ -4,6 +4,8 @@
     fedstack run -m key=a,b ...          a Hydra multirun sweep, one simulation per job
     fedstack keys --out DIR              CKKS contexts for `aggregation=he`
     fedstack decrypt --secret-context F RUN_DIR   plaintext final model of an HE run
+    fedstack certs --out DIR --host NAME_OR_IP ... CA + SuperLink TLS certificate
+    fedstack supernode-keys --out DIR NAME ...    SuperNode auth keys (P-384, OpenSSH)
 
 `fedstack run` composes exactly the config `flwr run .` would and runs the same ServerApp and
 ClientApp through `flwr.simulation.run_simulation`, in this process.
