@@ -49,7 +49,8 @@ test: $(VENV)/.installed-test
 
 # The local SuperLink started by `flwr run` is detached and outlives the command.
 stop-superlink:
-	@pkill -f "$(FLWR_HOME)/local-superlink" && echo "stopped the local SuperLink" || true
+	@# "[f]lower" matches the SuperLink's command line but not this shell's own.
+	@pkill -f "[f]lower-superlink.*$(FLWR_HOME)/local-superlink" && echo "stopped the local SuperLink" || true
 
 clean: stop-superlink
 	rm -rf $(VENV) $(FLWR_HOME)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
 from fedstack.strategies.fedavg import WeightedFedAvg  # noqa: E402
-from fedstack.strategies.reply_validation import ArraySpec  # noqa: E402
+from fedstack.strategies.model_layout import ModelLayout  # noqa: E402
 from tests.reply_factory import array_record, train_reply  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "fedavg.json"
@@ -82,7 +82,7 @@ def timed(fn) -> float:
 
 def bench_case(k: int, d: int, repeats: int) -> dict:
     ref, replies = make_replies(k, d)
-    spec = ArraySpec.of(array_record(ref))
+    spec = ModelLayout.of(array_record(ref))
 
     def ours():
         strategy = WeightedFedAvg(max_num_examples=10**9)

@@ -12,7 +12,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
 from fedstack.client_app import app as client_app
 from fedstack.config import CONFIG_MESSAGE_KEY, compose_config, config_to_yaml
 from fedstack.strategies.fedavg import WeightedFedAvg
-from fedstack.strategies.reply_validation import ArraySpec, array_view
+from fedstack.strategies.model_layout import ModelLayout
+from fedstack.strategies.reply_validation import array_view
 from tests.inprocess_grid import InProcessGrid
 from tests.reply_factory import array_record, error_reply, train_reply
 
@@ -25,7 +26,7 @@ def random_arrays(rng: np.random.Generator, scale: float = 1.0) -> dict[str, np.
 
 def strategy_for(global_arrays: dict[str, np.ndarray], **kwargs) -> WeightedFedAvg:
     strategy = WeightedFedAvg(**kwargs)
-    strategy._spec = ArraySpec.of(array_record(global_arrays))
+    strategy._spec = ModelLayout.of(array_record(global_arrays))
     return strategy
 
 

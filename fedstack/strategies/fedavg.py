@@ -38,10 +38,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from fedstack.log import logger as log
+from fedstack.strategies.model_layout import ModelLayout
 from fedstack.strategies.reply_validation import (
     NUM_EXAMPLES_KEY,
     NUMPY_STYPE,
-    ArraySpec,
     InvalidReply,
     check_arrays,
     check_num_examples,
@@ -89,7 +89,7 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     return header.getvalue()
 
 
-def weighted_mean(spec: ArraySpec, replies: list[ValidReply]) -> ArrayRecord:
+def weighted_mean(spec: ModelLayout, replies: list[ValidReply]) -> ArrayRecord:
     """sum_k n_k w_k / sum_k n_k, accumulated in float64, written straight into .npy bytes.
 
     Array-major and chunked: for each slice of each array, every reply's (zero-copy) slice is
@@ -183,7 +183,7 @@ class WeightedFedAvg(Strategy):
         self.exhausted_nodes: set[int] = set()
         #: Set when the run must end early; `start` stops after the current round.
         self.stop_reason: str | None = None
-        self._spec: ArraySpec | None = None
+        self._spec: ModelLayout | None = None
         self._grid: Grid | None = None
         #: message id -> destination node of what we sent (to attribute error replies).
         self._reply_dst: dict[str, int] = {}
@@ -264,7 +264,7 @@ class WeightedFedAvg(Strategy):
         if not nodes:
             self._note_no_nodes(grid, self.min_train_nodes)
             return []
-        self._spec = ArraySpec.of(arrays)
+        self._spec = ModelLayout.of(arrays)
         content_config = self._with_round(config, server_round)
         return [Message(RecordDict({"arrays": arrays, "config": content_config}),
                         dst_node_id=node, message_type=MessageType.TRAIN) for node in nodes]
@@ -288,7 +288,7 @@ class WeightedFedAvg(Strategy):
                                   f"need {needed}")
         log.warning("round %s: %s", self.round_log.server_round, self.round_log.aborted)
 
-    def screen_train_replies(self, replies: Iterable[Message], spec: ArraySpec | None = None,
+    def screen_train_replies(self, replies: Iterable[Message], spec: ModelLayout | None = None,
                              check_finite: bool = True) -> list[ValidReply]:
         """Classify replies: errors and invalid ones are rejected, declines noted."""
         spec = spec or self._spec
@@ -329,7 +329,7 @@ class WeightedFedAvg(Strategy):
         if "partition-id" in metrics:
             self.round_log.client_partitions[node] = int(metrics["partition-id"])
 
-    def check_train_reply(self, msg: Message, spec: ArraySpec | None,
+    def check_train_reply(self, msg: Message, spec: ModelLayout | None,
                           metrics: dict[str, float], check_finite: bool = True) -> ValidReply:
         content = msg.content
         if spec is None:

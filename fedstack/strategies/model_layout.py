@@ -1,7 +1,7 @@
-"""The layout of a model's arrays, to flatten them into one vector and back.
+"""The layout of a model's arrays: names, shapes and dtypes, in ArrayRecord order.
 
-Protocol layers (masking, encryption) work on one flat vector; this keeps the mapping to the
-model's named arrays in one place.
+One description serves every aggregation: WeightedFedAvg checks replies against it, and the
+protocol layers (masking, encryption) flatten a model into one vector and back with it.
 """
 
 from __future__ import annotations
@@ -14,16 +14,18 @@ from flwr.app import Array, ArrayRecord
 
 @dataclass(frozen=True)
 class ModelLayout:
-    """Names, shapes and offsets of a model's arrays, in ArrayRecord order."""
+    """Names, shapes and dtypes of a model's arrays, in ArrayRecord order."""
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
 
     @classmethod
-    def from_arrays(cls, arrays: ArrayRecord) -> ModelLayout:
+    def of(cls, arrays: ArrayRecord) -> ModelLayout:
         names = tuple(arrays.keys())
-        shapes = tuple(tuple(arrays[n].shape) for n in names)
-        return cls(names, shapes)
+        return cls(names,
+                   tuple(tuple(int(d) for d in arrays[n].shape) for n in names),
+                   tuple(str(arrays[n].dtype) for n in names))
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -33,27 +35,29 @@ class ModelLayout:
     def size(self) -> int:
         return int(sum(self.sizes))
 
-    def flatten(self, arrays: ArrayRecord, dtype: type = np.float64) -> np.ndarray:
-        """One vector of every array in layout order; raises if the arrays don't match."""
-        if tuple(arrays.keys()) != self.names:
-            raise ValueError(f"array names {list(arrays.keys())} differ from the layout's")
-        out = np.empty(self.size, dtype=dtype)
+    def flatten(self, arrays: ArrayRecord) -> np.ndarray:
+        """One float64 vector of every array in layout order; ValueError if they differ."""
+        if type(self).of(arrays) != self:
+            raise ValueError("the model's arrays differ from the global model's layout "
+                             f"(names {list(arrays.keys())})")
+        out = np.empty(self.size, dtype=np.float64)
         offset = 0
-        for name, shape, size in zip(self.names, self.shapes, self.sizes, strict=True):
-            arr = arrays[name].numpy()
-            if tuple(arr.shape) != shape:
-                raise ValueError(f"array {name!r} has shape {arr.shape}, expected {shape}")
-            out[offset:offset + size] = arr.reshape(-1)
+        for name, size in zip(self.names, self.sizes, strict=True):
+            out[offset:offset + size] = arrays[name].numpy().reshape(-1)
             offset += size
         return out
 
-    def unflatten(self, vector: np.ndarray, dtype: type = np.float32) -> ArrayRecord:
+    def unflatten(self, vector: np.ndarray) -> ArrayRecord:
+        """Named arrays in their own dtypes; integer arrays (counters) are rounded."""
         if vector.shape != (self.size,):
             raise ValueError(f"vector of shape {vector.shape}, expected ({self.size},)")
         record = ArrayRecord()
         offset = 0
-        for name, shape, size in zip(self.names, self.shapes, self.sizes, strict=True):
-            record[name] = Array(np.ascontiguousarray(
-                vector[offset:offset + size].reshape(shape).astype(dtype, copy=False)))
+        for name, shape, dtype, size in zip(self.names, self.shapes, self.dtypes, self.sizes,
+                                            strict=True):
+            part = vector[offset:offset + size].reshape(shape)
+            if np.dtype(dtype).kind in "iu":
+                part = np.rint(part)
+            record[name] = Array(np.ascontiguousarray(part.astype(dtype)))
             offset += size
         return record

@@ -8,10 +8,11 @@ read as zero-copy views of the received buffers, so checking K replies costs no 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
+
+from fedstack.strategies.model_layout import ModelLayout
 
 #: Flower's serialisation type for NumPy arrays (np.save format).
 NUMPY_STYPE = "numpy.ndarray"
@@ -66,22 +67,7 @@ def all_finite(view: np.ndarray) -> bool:
     return True
 
 
-@dataclass(frozen=True)
-class ArraySpec:
-    """What every reply's arrays must look like: the global model's names, shapes, dtypes."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[str, ...]
-
-    @classmethod
-    def of(cls, arrays: ArrayRecord) -> ArraySpec:
-        names = tuple(arrays.keys())
-        return cls(names, tuple(tuple(arrays[n].shape) for n in names),
-                   tuple(str(arrays[n].dtype) for n in names))
-
-
-def check_arrays(arrays: ArrayRecord, spec: ArraySpec,
+def check_arrays(arrays: ArrayRecord, spec: ModelLayout,
                  check_finite: bool = True) -> list[np.ndarray]:
     """Zero-copy views of `arrays` in spec order, or `InvalidReply` saying what is wrong.
 

@@ -16,6 +16,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from fedstack.strategies.he.ckks import WIRE_KEYS, CiphertextError, EncryptedVector
+from fedstack.strategies.model_layout import ModelLayout
 
 LAYOUT_KEY = "he.layout"
 ENCRYPTED_MODEL_KEYS = (*WIRE_KEYS, LAYOUT_KEY)
@@ -23,53 +24,8 @@ MAX_LAYOUT_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
-class ArrayLayout:
-    """Names, shapes and dtypes of a model's arrays, in ArrayRecord order."""
-
-    names: tuple[str, ...]
-    shapes: tuple[tuple[int, ...], ...]
-    dtypes: tuple[str, ...]
-
-    @classmethod
-    def of(cls, arrays: ArrayRecord) -> ArrayLayout:
-        names = tuple(arrays.keys())
-        return cls(
-            names,
-            tuple(tuple(int(d) for d in arrays[n].shape) for n in names),
-            tuple(str(arrays[n].dtype) for n in names),
-        )
-
-    @property
-    def sizes(self) -> tuple[int, ...]:
-        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
-
-    @property
-    def size(self) -> int:
-        return int(sum(self.sizes))
-
-    def flatten(self, arrays: ArrayRecord) -> np.ndarray:
-        """One float64 vector in layout order; ValueError if the arrays don't match."""
-        if ArrayLayout.of(arrays) != self:
-            raise ValueError("the model's arrays differ from the global model's layout")
-        return np.concatenate(
-            [np.asarray(arrays[n].numpy(), dtype=np.float64).reshape(-1) for n in self.names]
-        ) if self.names else np.zeros(0)
-
-    def unflatten(self, vector: np.ndarray) -> ArrayRecord:
-        """Named arrays again; integer arrays (e.g. counters) are rounded as FedAvg does."""
-        if vector.shape != (self.size,):
-            raise ValueError(f"vector of shape {vector.shape}, expected ({self.size},)")
-        out = ArrayRecord()
-        offset = 0
-        for name, shape, dtype, size in zip(
-            self.names, self.shapes, self.dtypes, self.sizes, strict=True
-        ):
-            part = vector[offset : offset + size].reshape(shape)
-            if np.dtype(dtype).kind in "iu":
-                part = np.rint(part)
-            out[name] = Array(np.ascontiguousarray(part.astype(dtype)))
-            offset += size
-        return out
+class ArrayLayout(ModelLayout):
+    """The model layout that travels with the encrypted global model (JSON bytes)."""
 
     def to_bytes(self) -> np.ndarray:
         data = {"names": self.names, "shapes": self.shapes, "dtypes": self.dtypes}

@@ -34,9 +34,9 @@ from fedstack.strategies.he.records import (
     model_to_record,
 )
 from fedstack.strategies.he.settings import HESettings
+from fedstack.strategies.model_layout import ModelLayout
 from fedstack.strategies.reply_validation import (
     NUM_EXAMPLES_KEY,
-    ArraySpec,
     InvalidReply,
     check_num_examples,
 )
@@ -137,7 +137,7 @@ class HEFedAvg(WeightedFedAvg):
 
     # ------------------------------------------------------------------ aggregation
 
-    def check_train_reply(self, msg: Message, spec: ArraySpec | None,
+    def check_train_reply(self, msg: Message, spec: ModelLayout | None,
                           metrics: dict[str, float], check_finite: bool = True) -> ValidReply:
         """Validate an encrypted reply and add it to the running sum (or reject it whole).
 

@@ -143,7 +143,7 @@ def _masked_input(
         )
     if "arrays" not in msg.content.array_records:
         raise ProtocolViolation("masked-input request without the global model")
-    layout = ModelLayout.from_arrays(msg.content.array_records["arrays"])
+    layout = ModelLayout.of(msg.content.array_records["arrays"])
     try:
         reply = call_next(msg, context)
     except Exception as exc:  # any training failure is this round's dropout, not a crash:
@@ -161,7 +161,7 @@ def _masked_input(
         return extra
     metrics = reply.content.metric_records["metrics"]
     arrays = reply.content.array_records["arrays"]
-    if ModelLayout.from_arrays(arrays) != layout:
+    if ModelLayout.of(arrays) != layout:
         out[wire.FAILED] = (
             "train handler returned arrays that differ from the global model's layout"
         )

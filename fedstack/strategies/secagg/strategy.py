@@ -31,7 +31,7 @@ from fedstack.config import settings_of
 from fedstack.log import logger as log
 from fedstack.strategies.fedavg import ValidReply, WeightedFedAvg
 from fedstack.strategies.model_layout import ModelLayout
-from fedstack.strategies.reply_validation import NUM_EXAMPLES_KEY, ArraySpec, InvalidReply
+from fedstack.strategies.reply_validation import NUM_EXAMPLES_KEY, InvalidReply
 
 from . import wire
 from .errors import ProtocolViolation, SecAggAbort
@@ -73,7 +73,6 @@ class SecAggFedAvg(WeightedFedAvg):
         #: round -> (server round, mask requests) prepared by the previous round, or its abort
         self._prepared: dict[int, tuple[ServerRound, dict[int, MaskRequest]] | SecAggAbort] = {}
         self._round: ServerRound | None = None
-        self._layout: ModelLayout | None = None
         self._config = ConfigRecord()
         self._masked: dict[int, MaskedInput] = {}
 
@@ -174,8 +173,8 @@ class SecAggFedAvg(WeightedFedAvg):
                 self._adverts.setdefault(for_round, {})[node] = adv
 
     def _new_round(self, server_round: int, adverts: dict[int, Advert]) -> ServerRound:
-        assert self._layout is not None
-        srv = ServerRound(server_round, self.params, self._layout.size + 1, adverts)
+        assert self._spec is not None
+        srv = ServerRound(server_round, self.params, self._spec.size + 1, adverts)
         for node, reason in srv.rejected.items():
             self._note_dropout(node, reason)
         return srv
@@ -193,8 +192,7 @@ class SecAggFedAvg(WeightedFedAvg):
     ) -> Iterable[Message]:
         self._grid = grid
         self._round = None
-        self._spec = ArraySpec.of(arrays)
-        self._layout = ModelLayout.from_arrays(arrays)
+        self._spec = ModelLayout.of(arrays)
         self._config = self._with_round(config, server_round)
         prepared = self._prepared.pop(server_round, None)
         try:
@@ -239,7 +237,7 @@ class SecAggFedAvg(WeightedFedAvg):
     def check_train_reply(
         self,
         msg: Message,
-        spec: ArraySpec | None,
+        spec: ModelLayout | None,
         metrics: dict[str, float],
         check_finite: bool = True,
     ) -> ValidReply:
@@ -358,17 +356,9 @@ class SecAggFedAvg(WeightedFedAvg):
             return None, later
 
     def _to_arrays(self, mean: np.ndarray) -> ArrayRecord:
-        """The new global model in the spec's dtypes (integer buffers rounded)."""
-        assert self._layout is not None and self._spec is not None
-        record = self._layout.unflatten(mean, dtype=np.float64)
-        out = ArrayRecord()
-        for name, dtype in zip(self._spec.names, self._spec.dtypes, strict=True):
-            arr = record[name].numpy()
-            dt = np.dtype(dtype)
-            out[name] = type(record[name])(
-                np.rint(arr).astype(dt) if dt.kind in "iu" else arr.astype(dt)
-            )
-        return out
+        """The new global model in the layout's dtypes (integer buffers rounded)."""
+        assert self._spec is not None
+        return self._spec.unflatten(mean)
 
     def _record(self, srv: ServerRound) -> None:
         self.round_log.extra["secagg"] = {
