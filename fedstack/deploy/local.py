@@ -95,19 +95,16 @@ def render_run_config(run_config: Mapping[str, Any], overrides: Sequence[str] = 
     extra += [shlex.quote(str(o)) for o in overrides]
     if extra:
         entries[OVERRIDES_KEY] = " ".join(extra)
-    parts = []
-    for key, value in entries.items():
-        if isinstance(value, bool):
-            parts.append(f"{key}={'true' if value else 'false'}")
-        elif isinstance(value, int | float):
-            parts.append(f"{key}={value}")
-        else:
-            parts.append(f"{key}={toml_string(str(value))}")
-    return " ".join(parts)
+    return render_toml_pairs(entries)
 
 
 def render_node_config(values: Mapping[str, Any]) -> str:
     """`--node-config` text (TOML values: strings quoted, numbers bare)."""
+    return render_toml_pairs(values)
+
+
+def render_toml_pairs(values: Mapping[str, Any]) -> str:
+    """`key=value ...` with TOML values, as Flower's --run-config/--node-config parse them."""
     parts = []
     for key, value in values.items():
         if isinstance(value, bool):
