@@ -31,6 +31,9 @@ BASE_OVERRIDES = ["num_clients=3", "num_rounds=2", "min_train_nodes=2", "min_eva
                   "round_timeout=90", "fraction_evaluate=0", "log_table=true"]
 #: Chance level of breast_cancer is ~0.63 (majority class); a working run reaches > 0.9.
 GOOD_ACCURACY = 0.85
+#: Under dp=local the noise comes from a secret seed, so runs are not reproducible; 2 noisy
+#: rounds must still be well above the majority-class rate of breast_cancer (0.63).
+GOOD_DP_ACCURACY = 0.70
 #: A table row of the run log for a finished round: "...      1 |     0.3363 | ...".
 ROUND_ROW = re.compile(r"\s(\d+) \|\s+[-\d.]+ \|")
 
@@ -74,8 +77,8 @@ def _assert_learned(result: RunResult, rounds: int = 2) -> dict:
     assert result.summary is not None, _explain(result)
     summary = result.summary
     assert summary["rounds_completed"] == rounds, summary
-    assert summary["final_accuracy"] is not None and summary["final_accuracy"] > GOOD_ACCURACY, \
-        summary
+    bar = GOOD_DP_ACCURACY if summary.get("dp") == "local" else GOOD_ACCURACY
+    assert summary["final_accuracy"] is not None and summary["final_accuracy"] > bar, summary
     return summary
 
 
