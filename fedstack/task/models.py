@@ -14,52 +14,38 @@ from fedstack.task.model_names import MODEL_NAMES
 
 
 class DigitsCNN(nn.Module):
-    """Two 3x3 convolutions and a small classifier for 8x8 grayscale digits (~76k parameters)."""
+    """Two 3x3 convolutions and a small classifier for 8x8 grayscale digits (~85k parameters)."""
+
+    #: (first conv channels, second conv channels, hidden units)
+    widths: tuple[int, int, int] = (32, 64, 64)
 
     def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
         super().__init__()
         channels, height, width = input_shape
+        c1, c2, hidden = self.widths
         self.features = nn.Sequential(
-            nn.Conv2d(channels, 32, kernel_size=3, padding=1),
+            nn.Conv2d(channels, c1, kernel_size=3, padding=1),
             nn.ReLU(),
-            nn.Conv2d(32, 64, kernel_size=3, padding=1),
+            nn.Conv2d(c1, c2, kernel_size=3, padding=1),
             nn.ReLU(),
             nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),
-            nn.Linear(64 * (height // 2) * (width // 2), 64),
+            nn.Linear(c2 * (height // 2) * (width // 2), hidden),
             nn.ReLU(),
-            nn.Linear(64, num_classes),
+            nn.Linear(hidden, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
 
-class SmallDigitsCNN(nn.Module):
+class SmallDigitsCNN(DigitsCNN):
     """A ~10k-parameter CNN for 8x8 digits: DP-SGD's noise grows with the parameter count,
     so a small model keeps far more accuracy at a given ε (used by the privacy sweeps)."""
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int) -> None:
-        super().__init__()
-        channels, height, width = input_shape
-        self.features = nn.Sequential(
-            nn.Conv2d(channels, 8, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(8, 16, kernel_size=3, padding=1),
-            nn.ReLU(),
-            nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(16 * (height // 2) * (width // 2), 32),
-            nn.ReLU(),
-            nn.Linear(32, num_classes),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+    widths = (8, 16, 32)
 
 
 class TabularMLP(nn.Module):
