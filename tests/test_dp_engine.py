@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fedstack.privacy import poisson
 from fedstack.privacy.engine import BudgetExhaustedError, DPSetupError, LocalDP
 from fedstack.privacy.model_check import make_dp_compatible
 from fedstack.privacy.poisson import PoissonBatches
@@ -95,6 +96,23 @@ def test_poisson_batches_vary_and_can_be_empty() -> None:
     empties = [len(b[1]) for b in PoissonBatches(data, 0.002, 200,
                                                  torch.Generator().manual_seed(0))]
     assert 0 in empties
+
+
+def test_poisson_batches_drawn_in_chunks_keep_every_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Masks of many steps are drawn at once, in chunks; a chunk boundary must neither drop
+    # nor merge steps, and each step's indices are distinct examples.
+    monkeypatch.setattr(poisson, "MAX_MASK_ELEMENTS", 3 * N)  # 3 steps per chunk
+    data = _data()
+    batches = list(PoissonBatches(data, 0.3, 10, torch.Generator().manual_seed(1)))
+    assert len(batches) == 10
+    sizes = [len(b[1]) for b in batches]
+    assert len(set(sizes)) > 1  # each step its own draw
+    x = data.tensors[0].flatten(1)
+    for xb, _ in batches:
+        rows = xb.flatten(1)
+        # every row is a distinct example of the dataset
+        matches = (rows[:, None, :] == x[None, :, :]).all(-1).nonzero()[:, 1]
+        assert len(matches) == len(rows) and len(set(matches.tolist())) == len(rows)
 
 
 def test_empty_batch_still_noisy_step_and_accounted() -> None:

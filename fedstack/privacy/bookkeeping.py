@@ -19,6 +19,13 @@ layer, so a model never trains with a parameter silently left unclipped.
 
 The clip factor is Opacus's (``C / (norm + 1e-6)`` capped at 1) so that results can be
 checked against Opacus's clipped-and-summed gradients.
+
+Speed notes (measured on the benchmark machine, see benchmarks/dp.py): the large per-step
+tensors (conv patches, per-example gradients, padded inputs) live in a reusable
+:class:`_Workspace`. Allocating them afresh every step made the allocator hand pages back to
+the OS and fault them in again, which cost more than the arithmetic (a 4x slower im2col in
+a training loop than in isolation). Two-dimensional ``nn.Linear`` layers, where per-example
+gradients are rank one, use fused vector products and never materialise them.
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ CLIP_EPSILON = 1e-6
 MAX_PER_SAMPLE_ELEMENTS = 1 << 26
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.GroupNorm)
+# Extra room when a workspace buffer grows (Poisson batch sizes vary from step to step), so
+# that a slightly larger batch does not reallocate.
+WORKSPACE_HEADROOM = 1.25
 
 
 class UnsupportedLayerError(ValueError):
@@ -55,6 +65,36 @@ class _Record:
 
 # A finisher turns per-example clip factors (B,) into the layer's clipped gradient sums.
 _Finisher = Callable[[Tensor], None]
+
+
+class _Workspace:
+    """Scratch buffers reused across steps, one per (layer, purpose) key.
+
+    A buffer only grows (with headroom); each request returns a contiguous view of its
+    first elements. Buffers created with ``zeroed=True`` are zero-filled once: callers write
+    only the positions they own (e.g. the interior of a padded image), so the rest stays
+    zero across steps.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[object, ...], Tensor] = {}
+
+    def take(self, key: tuple[object, ...], shape: tuple[int, ...], like: Tensor, *,
+             zeroed: bool = False) -> Tensor:
+        numel = 1
+        for size in shape:
+            numel *= size
+        buf = self._buffers.get(key)
+        if (buf is None or buf.numel() < numel or buf.dtype != like.dtype
+                or buf.device != like.device):
+            size = max(1, int(numel * WORKSPACE_HEADROOM))
+            make = torch.zeros if zeroed else torch.empty
+            buf = make(size, dtype=like.dtype, device=like.device)
+            self._buffers[key] = buf
+        return buf[:numel].view(shape)
+
+    def clear(self) -> None:
+        self._buffers = {}
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -107,6 +147,7 @@ class BookKeepingClipper:
         ]
         self._records: dict[int, _Record] = {}
         self._recording = False
+        self._workspace = _Workspace()
         self._handles = [m.register_forward_hook(self._save) for _, m in self.layers]
 
     # -- forward ---------------------------------------------------------------------------
@@ -131,13 +172,16 @@ class BookKeepingClipper:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._workspace.clear()
 
     # -- backward --------------------------------------------------------------------------
-    def clipped_backward(self, per_sample_loss: Tensor) -> Tensor:
-        """One backward pass; adds sum_i min(1, C/||g_i||) g_i to each ``p.grad``.
+    def clipped_backward(self, per_sample_loss: Tensor, scale: float = 1.0) -> Tensor:
+        """One backward pass; adds ``scale * sum_i min(1, C/||g_i||) g_i`` to each ``p.grad``.
 
         Like autograd, it accumulates: ``p.grad`` that is None is set, an existing one
-        (e.g. pre-filled with noise) is added to.
+        (e.g. pre-filled with noise) is added to. ``scale`` folds DP-SGD's division by the
+        expected batch size into the clip factors (B multiplies instead of a pass over
+        every parameter).
 
         Returns the per-example gradient norms before clipping (shape (B,)).
         """
@@ -163,15 +207,19 @@ class BookKeepingClipper:
         self._records = {}
         output_grads = torch.autograd.grad(per_sample_loss.sum(), [r.output for r in records])
 
-        batch = per_sample_loss.shape[0]
-        norm_sq = per_sample_loss.new_zeros(batch)
+        norm_sq: Tensor | None = None
         finishers: list[_Finisher] = []
-        for (_, module), record, grad in zip(self.layers, records, output_grads, strict=True):
-            layer_sq, finish = _layer_norms(module, record.activation, grad)
-            norm_sq = norm_sq + layer_sq
+        workspace = self._workspace
+        for (name, module), record, grad in zip(self.layers, records, output_grads,
+                                                strict=True):
+            layer_sq, finish = _layer_norms(module, record.activation, grad, workspace, name)
+            norm_sq = layer_sq if norm_sq is None else norm_sq.add_(layer_sq)
             finishers.append(finish)
-        norms = norm_sq.sqrt()
-        factors = (self.max_grad_norm / (norms + CLIP_EPSILON)).clamp(max=1.0)
+        assert norm_sq is not None  # at least one trainable layer (checked in __init__)
+        norms = norm_sq.sqrt_()
+        # scale * min(1, C / (norm + eps)), in three tensor ops (each costs several µs of
+        # dispatch on small models, comparable to their arithmetic).
+        factors = torch.div(self.max_grad_norm * scale, norms + CLIP_EPSILON).clamp_(max=scale)
         for finish in finishers:
             finish(factors)
         return norms
@@ -198,88 +246,116 @@ def _acc_mm(param: nn.Parameter | None, m1: Tensor, m2: Tensor) -> None:
     """p.grad (viewed as m1 @ m2's shape) += m1 @ m2."""
     if param is None or not param.requires_grad:
         return
-    if param.grad is None:
+    grad = param.grad
+    if grad is None:
         param.grad = (m1 @ m2).reshape(param.shape)
+    elif grad.dim() == 2:
+        grad.addmm_(m1, m2)
     else:
-        param.grad.view(m1.shape[0], m2.shape[1]).addmm_(m1, m2)
+        grad.view(m1.shape[0], m2.shape[1]).addmm_(m1, m2)
 
 
 def _acc_mv(param: nn.Parameter | None, mat: Tensor, vec: Tensor) -> None:
     """p.grad (flattened) += mat @ vec."""
     if param is None or not param.requires_grad:
         return
-    if param.grad is None:
+    grad = param.grad
+    if grad is None:
         param.grad = (mat @ vec).reshape(param.shape)
+    elif grad.dim() == 1:
+        grad.addmv_(mat, vec)
     else:
-        param.grad.view(-1).addmv_(mat, vec)
+        grad.view(-1).addmv_(mat, vec)
 
 
 def _wants(param: nn.Parameter | None) -> bool:
     return param is not None and param.requires_grad
 
 
-def _layer_norms(module: nn.Module, activation: Tensor, grad: Tensor) -> tuple[Tensor, _Finisher]:
-    """Squared per-example gradient norm of one layer's parameters and its finisher."""
+def _layer_norms(module: nn.Module, activation: Tensor, grad: Tensor, workspace: _Workspace,
+                 name: str) -> tuple[Tensor, _Finisher]:
+    """Squared per-example gradient norm of one layer's parameters and its finisher.
+
+    The returned norm tensor is always freshly allocated (the caller accumulates into it).
+    """
     if isinstance(module, nn.Linear):
-        return _linear(module, activation, grad)
+        return _linear(module, activation, grad, workspace, name)
     if isinstance(module, nn.Conv2d):
-        return _conv2d(module, activation, grad)
+        return _conv2d(module, activation, grad, workspace, name)
     if isinstance(module, nn.GroupNorm):
         return _group_norm(module, activation, grad)
     raise UnsupportedLayerError(type(module).__name__)  # pragma: no cover - checked in __init__
 
 
-def _linear(module: nn.Linear, a: Tensor, g: Tensor) -> tuple[Tensor, _Finisher]:
+def _linear(module: nn.Linear, a: Tensor, g: Tensor, workspace: _Workspace,
+            name: str) -> tuple[Tensor, _Finisher]:
     batch = a.shape[0]
     if a.dim() == 2:
-        # One token per example: ||g_i a_i^T||_F = ||g_i|| * ||a_i||.
-        g_sq = _row_sq_norms(g)
-        sq = g_sq * _row_sq_norms(a) if _wants(module.weight) else torch.zeros_like(g_sq)
-        if _wants(module.bias):
-            sq = sq + g_sq
+        # One token per example: the per-example weight gradient g_i a_i^T is rank one, so
+        # ||g_i a_i^T||_F^2 = ||g_i||^2 ||a_i||^2 and the bias adds ||g_i||^2.
+        want_w, want_b = _wants(module.weight), _wants(module.bias)
+        g_sq = torch.linalg.vecdot(g, g)
+        if want_w:
+            a_sq = torch.linalg.vecdot(a, a)
+            sq = torch.addcmul(g_sq, g_sq, a_sq) if want_b else g_sq.mul_(a_sq)
+        else:
+            sq = g_sq
 
         def finish(c: Tensor) -> None:
-            gc = g * c[:, None]
-            _acc_mm(module.weight, gc.t(), a)
-            _acc_mv(module.bias, g.t(), c)
+            g_t = g.t()  # (out, B): c broadcasts over its last dim, no unsqueeze needed
+            if want_w:
+                _acc_mm(module.weight, g_t * c, a)
+            if want_b:
+                _acc_mv(module.bias, g_t, c)
 
         return sq, finish
     # Sequence input (B, ..., d): treat the middle dims as T tokens (same algebra as conv).
     a3 = a.reshape(batch, -1, a.shape[-1]).transpose(1, 2)  # (B, in, T)
     g3 = g.reshape(batch, -1, g.shape[-1]).transpose(1, 2)  # (B, out, T)
-    return _token_layer(module.weight, module.bias, a3, g3)
+    return _token_layer(module.weight, module.bias, a3, g3, workspace, name)
 
 
-def _conv2d(module: nn.Conv2d, a: Tensor, g: Tensor) -> tuple[Tensor, _Finisher]:
+def _conv2d(module: nn.Conv2d, a: Tensor, g: Tensor, workspace: _Workspace,
+            name: str) -> tuple[Tensor, _Finisher]:
     batch = a.shape[0]
-    cols = _im2col(a, module)  # (B, in*kh*kw, T)
+    cols = _im2col(a, module, workspace, name)  # (B, in*kh*kw, T)
     g3 = g.reshape(batch, g.shape[1], -1)  # (B, out, T)
-    return _token_layer(module.weight, module.bias, cols, g3)
+    return _token_layer(module.weight, module.bias, cols, g3, workspace, name)
 
 
-def _im2col(x: Tensor, module: nn.Conv2d) -> Tensor:
+def _im2col(x: Tensor, module: nn.Conv2d, workspace: _Workspace | None = None,
+            name: str = "") -> Tensor:
     """Input patches as (B, in*kh*kw, T), the layout of ``F.unfold``.
 
-    Built from strided views (one copy at the final reshape): measured ~2x faster than
-    ``F.unfold`` on 2 CPU cores for our shapes.
+    Built from strided views with one copy, into workspace buffers when given: measured
+    ~2x faster than ``F.unfold`` on 2 CPU cores for our shapes.
     """
+    workspace = workspace if workspace is not None else _Workspace()
     pad_h, pad_w = module.padding  # type: ignore[misc]  # int/tuple checked in __init__
     k_h, k_w = module.kernel_size
     d_h, d_w = module.dilation
     s_h, s_w = module.stride
+    batch, channels, height, width = x.shape
     if pad_h or pad_w:
-        x = F.pad(x, (pad_w, pad_w, pad_h, pad_h))
+        # The border of this buffer is zeroed once and never written: only the interior is.
+        padded = workspace.take((name, "padded", channels, height, width), (
+            batch, channels, height + 2 * pad_h, width + 2 * pad_w), x, zeroed=True)
+        padded[:, :, pad_h:pad_h + height, pad_w:pad_w + width].copy_(x)
+        x = padded
     patches = x.unfold(2, d_h * (k_h - 1) + 1, s_h).unfold(3, d_w * (k_w - 1) + 1, s_w)
     if d_h > 1 or d_w > 1:
         patches = patches[..., ::d_h, ::d_w]
-    batch, channels, out_h, out_w = patches.shape[:4]
+    out_h, out_w = patches.shape[2:4]
     # Channel-major (B, P, T) copies ~5x faster than token-major here (memory order of the
     # strided view), and bmm takes the transposed operand without a copy.
-    return patches.permute(0, 1, 4, 5, 2, 3).reshape(batch, channels * k_h * k_w, out_h * out_w)
+    cols = workspace.take((name, "cols"), (batch, channels, k_h, k_w, out_h, out_w), x)
+    cols.copy_(patches.permute(0, 1, 4, 5, 2, 3))
+    return cols.view(batch, channels * k_h * k_w, out_h * out_w)
 
 
 def _token_layer(
-    weight: nn.Parameter, bias: nn.Parameter | None, a: Tensor, g: Tensor
+    weight: nn.Parameter, bias: nn.Parameter | None, a: Tensor, g: Tensor,
+    workspace: _Workspace, name: str,
 ) -> tuple[Tensor, _Finisher]:
     """Layer whose per-example weight gradient is sum_t g[:, :, t] a[:, :, t]^T.
 
@@ -291,9 +367,7 @@ def _token_layer(
     batch, p_dim, tokens = a.shape
     o_dim = g.shape[1]
     bias_g = g.sum(2) if _wants(bias) else None  # (B, O)
-    sq = g.new_zeros(batch)
-    if bias_g is not None:
-        sq = sq + _row_sq_norms(bias_g)
+    sq = torch.linalg.vecdot(bias_g, bias_g) if bias_g is not None else g.new_zeros(batch)
     if not _wants(weight):
 
         def finish_bias(c: Tensor) -> None:
@@ -303,11 +377,13 @@ def _token_layer(
         return sq, finish_bias
 
     if batch * o_dim * p_dim <= MAX_PER_SAMPLE_ELEMENTS:
-        per_sample = torch.bmm(g, a.transpose(1, 2)).reshape(batch, -1)  # (B, O*P)
-        sq = sq + _row_sq_norms(per_sample)
+        per_sample = workspace.take((name, "per_sample"), (batch, o_dim, p_dim), g)
+        torch.bmm(g, a.transpose(1, 2), out=per_sample)
+        flat = per_sample.view(batch, o_dim * p_dim)
+        sq.add_(torch.linalg.vecdot(flat, flat))
 
         def finish(c: Tensor) -> None:
-            _acc_mv(weight, per_sample.t(), c)
+            _acc_mv(weight, flat.t(), c)
             if bias_g is not None:
                 _acc_mv(bias, bias_g.t(), c)
 
@@ -315,7 +391,7 @@ def _token_layer(
 
     gram_a = torch.bmm(a.transpose(1, 2), a)  # (B, T, T)
     gram_g = torch.bmm(g.transpose(1, 2), g)
-    sq = sq + (gram_a * gram_g).sum((1, 2))
+    sq.add_((gram_a * gram_g).sum((1, 2)))
 
     def finish_ghost(c: Tensor) -> None:
         gc = (g * c[:, None, None]).permute(1, 0, 2).reshape(o_dim, batch * tokens)
@@ -324,11 +400,6 @@ def _token_layer(
             _acc_mv(bias, bias_g.t(), c)
 
     return sq, finish_ghost
-
-
-def _row_sq_norms(x: Tensor) -> Tensor:
-    """Squared L2 norm of each row of a (B, ...) tensor, without a squared temporary."""
-    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
 
 
 def _group_norm(module: nn.GroupNorm, a: Tensor, g: Tensor) -> tuple[Tensor, _Finisher]:
@@ -341,7 +412,7 @@ def _group_norm(module: nn.GroupNorm, a: Tensor, g: Tensor) -> tuple[Tensor, _Fi
     sq = g.new_zeros(batch)
     for ps in (w_ps, b_ps):
         if ps is not None:
-            sq = sq + _row_sq_norms(ps)
+            sq.add_(torch.linalg.vecdot(ps, ps))
 
     def finish(c: Tensor) -> None:
         if w_ps is not None:

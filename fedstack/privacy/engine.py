@@ -243,8 +243,16 @@ class PrivateRound:
             )
             self._wrapped: nn.Module = model
             self._params = [p for p in model.parameters() if p.requires_grad]
-            self._numel = sum(p.numel() for p in self._params)
-            self._dtype = self._params[0].dtype if self._params else torch.float32
+            numel = sum(p.numel() for p in self._params)
+            dtype = self._params[0].dtype if self._params else torch.float32
+            # One flat buffer holds every parameter's gradient: each step refills it with
+            # noise in place and the clipper adds the clipped sum into the same views.
+            self._grad_buffer = torch.zeros(numel, dtype=dtype)
+            self._grad_views: list[Tensor] = []
+            offset = 0
+            for p in self._params:
+                self._grad_views.append(self._grad_buffer[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
         else:
             self._clipper = None
             self._wrapped, self.optimizer, self._criterion = _opacus_private(
@@ -282,24 +290,25 @@ class PrivateRound:
     def _bk_step(self, xb: Tensor, yb: Tensor) -> float:
         clipper = self._clipper
         assert clipper is not None
-        # Noise first, into one flat buffer whose views become the gradients; the clipper
-        # then adds the clipped sum in place and one division scales everything.
-        std = self.noise_multiplier * self.max_grad_norm
-        flat = torch.normal(0.0, std, size=(self._numel,), generator=self.generator,
-                            dtype=self._dtype) if std > 0 else torch.zeros(
-                                self._numel, dtype=self._dtype)
-        offset = 0
-        for p in self._params:
-            p.grad = flat[offset:offset + p.numel()].view_as(p)
-            offset += p.numel()
+        # Noise first, drawn in place into the flat gradient buffer (already scaled by
+        # 1/expected batch size); the clipper then adds the clipped sum, scaled the same
+        # way, into the same views. No per-step allocation and no pass to divide.
+        scale = 1.0 / self.expected_batch_size
+        std = self.noise_multiplier * self.max_grad_norm * scale
+        if std > 0:
+            self._grad_buffer.normal_(0.0, std, generator=self.generator)
+        else:
+            self._grad_buffer.zero_()
+        for p, view in zip(self._params, self._grad_views, strict=True):
+            if p.grad is not view:  # set once; re-set if anyone replaced or cleared it
+                p.grad = view
         loss_sum = 0.0
         if len(yb):
             with clipper.recording():
                 out = self.model(xb)
             losses = self._criterion(out, yb)
-            clipper.clipped_backward(losses)
+            clipper.clipped_backward(losses, scale=scale)
             loss_sum = float(losses.detach().sum())
-        flat.div_(self.expected_batch_size)
         self.optimizer.step()
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         return loss_sum

@@ -40,6 +40,10 @@ def as_tensor_dataset(dataset: Dataset) -> TensorDataset:
     return TensorDataset(*(torch.stack([torch.as_tensor(v) for v in col]) for col in columns))
 
 
+#: Largest inclusion mask (steps x examples) drawn at once; bounds the sampler's memory.
+MAX_MASK_ELEMENTS = 1 << 22
+
+
 class PoissonBatches:
     """Iterable over `steps` Poisson batches of `dataset` with sample rate `sample_rate`.
 
@@ -63,7 +67,18 @@ class PoissonBatches:
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         tensors = self.dataset.tensors
         n = len(tensors[0])
-        for _ in range(self.steps):
-            mask = torch.rand(n, generator=self.generator) < self.sample_rate
-            idx = mask.nonzero().flatten()
-            yield tuple(t.index_select(0, idx) for t in tensors)
+        # The inclusion draws of many steps are made at once (a steps x n mask, in chunks of
+        # at most MAX_MASK_ELEMENTS): a handful of tensor ops per chunk instead of four per
+        # step, which matters for small models where each op costs as much as its math.
+        rows_per_chunk = max(1, MAX_MASK_ELEMENTS // max(n, 1))
+        remaining = self.steps
+        while remaining > 0:
+            rows = min(remaining, rows_per_chunk)
+            remaining -= rows
+            mask = torch.rand(rows, n, generator=self.generator) < self.sample_rate
+            counts = mask.sum(1).tolist()
+            # nonzero() lists (row, column) pairs in row-major order: each step's examples
+            # form one contiguous run of the column indices.
+            columns = mask.nonzero()[:, 1]
+            for idx in columns.split(counts):
+                yield tuple(t.index_select(0, idx) for t in tensors)
