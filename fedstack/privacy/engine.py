@@ -42,6 +42,7 @@ from fedstack.privacy.calibration import (
 )
 from fedstack.privacy.model_check import make_dp_compatible
 from fedstack.privacy.poisson import PoissonBatches, secret_generator
+from fedstack.privacy.secure_random import AesCtrRandom, RandomSource, TorchRandom
 from fedstack.privacy.settings import GRAD_SAMPLE_MODES, LocalDPSettings
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,12 @@ class LocalDP:
         self.steps_per_round = self.local_epochs * self.plan.steps_per_epoch
         self.max_epsilon = effective_budget(settings.run_budget(), node_max_epsilon)
         # Secret by default: the server knows the run seed, so it must not drive noise.
+        # An explicit generator (tests: reproducible draws) wins over dp.secure_rng.
         self.generator = generator if generator is not None else secret_generator()
+        self.random: RandomSource = (
+            AesCtrRandom() if settings.secure_rng and generator is None
+            else TorchRandom(self.generator)
+        )
 
         state = state if state is not None else PrivacyState(mechanism=settings.accountant)
         if state.mechanism != settings.accountant:
@@ -175,7 +181,7 @@ class LocalDP:
             )
         optimizer = optimizer_factory(model.parameters())
         batches = PoissonBatches(
-            dataset, self.plan.sample_rate, self.plan.steps_per_epoch, self.generator
+            dataset, self.plan.sample_rate, self.plan.steps_per_epoch, self.random
         )
         return PrivateRound(
             model=model,
@@ -187,6 +193,7 @@ class LocalDP:
             mode=self.settings.grad_sample_mode,
             max_steps=self.steps_per_round,
             generator=self.generator,
+            random=self.random,
         )
 
     def end_round(self, private: PrivateRound, server_round: int) -> dict[str, float]:
@@ -220,6 +227,7 @@ class PrivateRound:
         mode: str,
         max_steps: int,
         generator: torch.Generator,
+        random: RandomSource | None = None,
     ) -> None:
         self.model = model
         self.batches = batches
@@ -231,6 +239,9 @@ class PrivateRound:
         self.steps_taken = 0
         self.sample_rate = batches.sample_rate
         self.generator = generator
+        # bk draws its noise from `random` (AES-CTR with dp.secure_rng); Opacus's modes can
+        # only take a torch generator.
+        self.random = random if random is not None else TorchRandom(generator)
         self._closed = False
         n = len(batches.dataset)
         # Opacus divides the noisy sum by int(n * q); we match it so modes are exchangeable.
@@ -296,7 +307,7 @@ class PrivateRound:
         scale = 1.0 / self.expected_batch_size
         std = self.noise_multiplier * self.max_grad_norm * scale
         if std > 0:
-            self._grad_buffer.normal_(0.0, std, generator=self.generator)
+            self.random.normal_(self._grad_buffer, std)
         else:
             self._grad_buffer.zero_()
         for p, view in zip(self._params, self._grad_views, strict=True):

@@ -3,8 +3,9 @@
 Why our own and not Opacus's DPDataLoader: the semantics are identical (every example is
 included independently with probability q at every step; batches vary in size and may be
 empty), but our client data are in-memory tensors, so indexing them directly avoids a
-per-example collate. The generator must be secret (see `secret_generator`): a server that
-could replay the sampling or the noise could undo the privacy.
+per-example collate. The randomness must be secret (see `secret_generator` and
+`fedstack.privacy.secure_random`): a server that could replay the sampling or the noise
+could undo the privacy.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
+from fedstack.privacy.secure_random import RandomSource, as_random_source
+
 
 def secret_generator() -> torch.Generator:
     """A torch generator seeded from the OS's CSPRNG.
 
     Never derive DP noise or sampling from the run's seed: the server knows it. torch's
-    generator itself is not cryptographically secure (Opacus's ``secure_mode`` would use
-    torchcsprng, which is not installed here); see docs/dp.md.
+    generator itself is not cryptographically secure; ``dp.secure_rng=true`` replaces it
+    with AES-256-CTR (`fedstack.privacy.secure_random`); see docs/dp.md.
     """
     gen = torch.Generator()
     gen.manual_seed(secrets.randbits(63))
@@ -52,14 +55,15 @@ class PoissonBatches:
     """
 
     def __init__(
-        self, dataset: Dataset, sample_rate: float, steps: int, generator: torch.Generator
+        self, dataset: Dataset, sample_rate: float, steps: int,
+        generator: torch.Generator | RandomSource,
     ) -> None:
         if not 0 < sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.dataset = as_tensor_dataset(dataset)
         self.sample_rate = float(sample_rate)
         self.steps = int(steps)
-        self.generator = generator
+        self.random = as_random_source(generator)
 
     def __len__(self) -> int:
         return self.steps
@@ -75,7 +79,7 @@ class PoissonBatches:
         while remaining > 0:
             rows = min(remaining, rows_per_chunk)
             remaining -= rows
-            mask = torch.rand(rows, n, generator=self.generator) < self.sample_rate
+            mask = self.random.uniform((rows, n)) < self.sample_rate
             counts = mask.sum(1).tolist()
             # nonzero() lists (row, column) pairs in row-major order: each step's examples
             # form one contiguous run of the column indices.

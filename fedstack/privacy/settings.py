@@ -40,6 +40,7 @@ class LocalDPSettings:
     accountant: str = "rdp"
     grad_sample_mode: str = "bk"
     max_epsilon: float | None = None
+    secure_rng: bool = False
 
     def validate(self, cfg: Any) -> None:
         """Raise ConfigError naming the key of the first inconsistent setting."""
@@ -74,6 +75,12 @@ class LocalDPSettings:
             raise _config_error(
                 f"dp.grad_sample_mode={self.grad_sample_mode!r} must be one of: "
                 f"{', '.join(GRAD_SAMPLE_MODES)}"
+            )
+        if self.secure_rng and self.grad_sample_mode != "bk":
+            raise _config_error(
+                f"dp.secure_rng=true needs dp.grad_sample_mode=bk, not "
+                f"{self.grad_sample_mode!r}: Opacus's modes draw their noise from a "
+                "torch.Generator, which is not a cryptographic generator"
             )
         if self.max_epsilon is not None:
             if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
