@@ -19,9 +19,11 @@ NOT_COVERED = (
     "they are outside the (ε, δ) guarantee.\n"
     "- ε is per client and per record (example-level DP), over all rounds the client "
     "trained in; it says nothing about a client's participation itself.\n"
-    "- Noise and Poisson sampling use torch's generator seeded from the OS CSPRNG; "
-    "Opacus's `secure_mode` (torchcsprng) is not available here, so the floating-point "
-    "hardening of the Gaussian sampler is not applied."
+    "- Noise and Poisson sampling come from AES-256-CTR when `secure_rng` is true (see the "
+    "settings above), otherwise from torch's Mersenne Twister seeded from the OS CSPRNG, "
+    "which is not itself a CSPRNG. In neither case is the floating-point hardening of "
+    "Opacus's `secure_mode` (torchcsprng, not available here) applied to the Gaussian "
+    "sampler."
 )
 
 
