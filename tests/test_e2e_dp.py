@@ -41,13 +41,16 @@ def _one_shot(cfg, partition_id: int, sigma: float | None, rounds: int) -> float
 
 def test_dp_fedavg_learns_digits_and_lands_on_target_epsilon(tmp_path: Path) -> None:
     target = LocalDPSettings().target_epsilon
+    # The DP training settings of benchmarks/dp.py --utility (docs/dp.md), 8 rounds.
     cfg = compose_config(["task=digits", "partition=iid", "num_clients=5", "num_rounds=8",
+                          "task.model=digits_linear", "task.batch_size=64",
+                          "task.local_epochs=1", "task.learning_rate=1.0",
                           "dp=local", f"output_dir={tmp_path}", "run_name=learn"])
     summary = run_in_simulation(cfg)
     assert summary["rounds_completed"] == 8
-    # Chance is 0.1; DP noise is secret-seeded (not reproducible), so keep a wide margin:
-    # 12 rounds reached 0.76 in benchmarks/dp.py.
-    assert summary["final_accuracy"] >= 0.45, summary
+    # Chance is 0.1. DP noise is secret-seeded (not reproducible): 4 in-process runs of
+    # these settings gave 0.84-0.88 (20 rounds: 0.92), so 0.75 leaves a wide margin.
+    assert summary["final_accuracy"] >= 0.75, summary
     for pid in range(5):
         eps = summary["epsilon_per_client"][str(pid)]
         assert eps == pytest.approx(_one_shot(cfg, pid, None, 8), rel=1e-9)
