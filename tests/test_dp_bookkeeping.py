@@ -158,3 +158,24 @@ def test_layer_outside_recording_is_an_error() -> None:
     out = model(torch.randn(3, 4))  # not recorded: its gradient would escape clipping
     with pytest.raises(RuntimeError, match="recording"):
         clipper.clipped_backward(_CE(out, torch.tensor([0, 1, 0])))
+
+
+def test_remove_restores_plain_modules() -> None:
+    # Recording wraps each layer's forward (no module hooks: they cost ~17 µs per layer per
+    # step); remove() must leave the model exactly as it was, a custom forward included.
+    model = build_model("tabular_mlp", (30,), 2, 0)
+    def custom(x):  # an instance-level forward set by someone else
+        return torch.zeros(x.shape[0], 32)
+
+    model.net[2].forward = custom
+    x = torch.randn(5, 30)
+    before = model(x)
+    clipper = BookKeepingClipper(model, 1.0)
+    with clipper.recording():
+        torch.testing.assert_close(model(x), before)
+    assert "forward" in model.net[0].__dict__
+    clipper.remove()
+    assert "forward" not in model.net[0].__dict__ and "forward" not in model.net[4].__dict__
+    assert model.net[2].__dict__["forward"] is custom
+    torch.testing.assert_close(model(x), before)
+    assert not model.net[0]._forward_hooks

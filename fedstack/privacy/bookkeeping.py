@@ -148,9 +148,32 @@ class BookKeepingClipper:
         self._records: dict[int, _Record] = {}
         self._recording = False
         self._workspace = _Workspace()
-        self._handles = [m.register_forward_hook(self._save) for _, m in self.layers]
+        # (layer, the instance-level forward it had before us, if any)
+        self._wrapped: list[tuple[nn.Module, Callable[..., Tensor] | None]] = []
+        for _, module in self.layers:
+            self._wrap_forward(module)
 
     # -- forward ---------------------------------------------------------------------------
+    def _wrap_forward(self, module: nn.Module) -> None:
+        """Record the layer's input and output by wrapping its ``forward``.
+
+        Why not a forward hook: any hook sends ``nn.Module.__call__`` down its slow path,
+        measured at ~17 µs per hooked layer per step here, a third of the tiny MLP's whole
+        forward pass. An instance attribute ``forward`` keeps the fast path; ``remove()``
+        takes it away again.
+        """
+        previous = module.__dict__.get("forward")
+        original = module.forward
+        save = self._save
+
+        def recorded_forward(*args: object, **kwargs: object) -> Tensor:
+            output = original(*args, **kwargs)
+            save(module, args or tuple(kwargs.values()), output)  # type: ignore[arg-type]
+            return output
+
+        module.forward = recorded_forward  # type: ignore[method-assign]
+        self._wrapped.append((module, previous))
+
     def _save(self, module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
         if not self._recording:
             return
@@ -168,10 +191,13 @@ class BookKeepingClipper:
         return _RecordingScope(self)
 
     def remove(self) -> None:
-        """Detach the forward hooks (the model goes back to plain behaviour)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Unwrap the layers' forwards (the model goes back to plain behaviour)."""
+        for module, previous in self._wrapped:
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous  # type: ignore[method-assign]
+        self._wrapped = []
         self._workspace.clear()
 
     # -- backward --------------------------------------------------------------------------
