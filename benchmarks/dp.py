@@ -3,12 +3,13 @@
 Part 1 (default, `--speed`): per-epoch training time of the digits CNN and the breast-cancer
 MLP on the task's whole training split, with the task's batch size: no DP vs every Opacus
 grad-sample mode vs our book-keeping clipper (`bk`). All modes run side by side in one
-process, interleaved (round-robin over modes, repeated), and report the median; ratios are
-against the no-DP loop over the *same* in-memory batches, so they measure the cost of DP and
-nothing else. The plain trainer's own loop (a torch DataLoader) is timed too, for reference,
-and for the CNN the plain loop in channels-last memory format (faster on this CPU; neither
-trainer uses it, so it is a reference row, not the baseline). Batches are standard NCHW
-tensors, as both trainers build them.
+process, interleaved (round-robin over modes, repeated); each mode reports its best and
+median epoch and the median of its per-repetition ratios to the no-DP epoch timed in the same
+repetition. Ratios are against the no-DP loop over the *same* in-memory batches, so they
+measure the cost of DP and nothing else. The plain trainer's own loop (a torch DataLoader)
+is timed too, for reference, and for the CNN the plain loop in channels-last memory format
+(faster on this CPU; neither trainer uses it, so it is a reference row, not the baseline).
+Batches are standard NCHW tensors, as both trainers build them.
 
 Part 2 (`--utility`): privacy-utility sweep through `fedstack run -m` (Hydra multirun) over
 ε ∈ {1, 2, 4, 8, ∞} on digits with 5 clients, IID and Dirichlet(0.5) partitions; final
