@@ -193,7 +193,6 @@ class LocalDP:
             mode=self.settings.grad_sample_mode,
             max_steps=self.steps_per_round,
             generator=self.generator,
-            random=self.random,
         )
 
     def end_round(self, private: PrivateRound, server_round: int) -> dict[str, float]:
@@ -227,7 +226,6 @@ class PrivateRound:
         mode: str,
         max_steps: int,
         generator: torch.Generator,
-        random: RandomSource | None = None,
     ) -> None:
         self.model = model
         self.batches = batches
@@ -239,9 +237,9 @@ class PrivateRound:
         self.steps_taken = 0
         self.sample_rate = batches.sample_rate
         self.generator = generator
-        # bk draws its noise from `random` (AES-CTR with dp.secure_rng); Opacus's modes can
-        # only take a torch generator.
-        self.random = random if random is not None else TorchRandom(generator)
+        # bk draws its noise from the batches' source (AES-CTR with dp.secure_rng), so
+        # sampling and noise always share one; Opacus's modes only take a torch generator.
+        self.random = batches.random
         self._closed = False
         n = len(batches.dataset)
         # Opacus divides the noisy sum by int(n * q); we match it so modes are exchangeable.
