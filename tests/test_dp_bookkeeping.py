@@ -8,7 +8,7 @@ from opacus import GradSampleModule
 from torch import nn
 
 from fedstack.privacy import bookkeeping
-from fedstack.privacy.bookkeeping import BookKeepingClipper, UnsupportedLayerError
+from fedstack.privacy.bookkeeping import BookKeepingClipper, ClipBoundError, UnsupportedLayerError
 from fedstack.task.models import build_model
 
 _CE = nn.CrossEntropyLoss(reduction="none")
@@ -179,3 +179,62 @@ def test_remove_restores_plain_modules() -> None:
     assert model.net[2].__dict__["forward"] is custom
     torch.testing.assert_close(model(x), before)
     assert not model.net[0]._forward_hooks
+
+
+def test_parameter_outside_the_formulas_is_named() -> None:
+    # The per-layer formulas clip .weight and .bias; any other parameter would escape.
+    model = nn.Sequential(nn.Linear(4, 2))
+    model[0].register_parameter("gain", nn.Parameter(torch.ones(2)))
+    with pytest.raises(UnsupportedLayerError, match=r"0 \(Linear with parameters gain\)"):
+        BookKeepingClipper(model, 1.0)
+
+
+def _broken_factors(kind: str):
+    right = bookkeeping.clip_factors
+    if kind == "unclipped":
+        return lambda norms, clip, scale: torch.full_like(norms, scale)
+    return lambda norms, clip, scale: -2 * right(norms, clip, scale)  # |c_i| twice too big
+
+
+@pytest.mark.parametrize("kind", ["unclipped", "negative", "epsilon"])
+def test_guard_stops_a_step_whose_clipping_is_broken(monkeypatch: pytest.MonkeyPatch,
+                                                     kind: str) -> None:
+    # Break the clip arithmetic three ways; the guard must refuse before any gradient is
+    # written (p.grad stays None), and say so without data-dependent numbers.
+    clip = 1e-3
+    if kind == "epsilon":
+        monkeypatch.setattr(bookkeeping, "CLIP_EPSILON", -clip / 2)  # factor C / (n - C/2)
+    else:
+        monkeypatch.setattr(bookkeeping, "clip_factors", _broken_factors(kind))
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(16, 1, 8, 8, generator=g) * 5, torch.randint(0, 10, (16,), generator=g)
+    model = build_model("digits_cnn", (1, 8, 8), 10, 0)
+    clipper = BookKeepingClipper(model, clip)
+    with clipper.recording():
+        out = model(x)
+    with pytest.raises(ClipBoundError, match=r"dp\.max_grad_norm=0\.001") as info:
+        clipper.clipped_backward(_CE(out, y), scale=0.5)
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(ch.isdigit() for ch in str(info.value).replace("0.001", ""))
+
+
+def test_guard_stops_non_finite_norms() -> None:
+    # A diverged loss (here a NaN input) would put NaN into every parameter; it stops instead.
+    model = build_model("tabular_mlp", (30,), 2, 0)
+    x = torch.randn(8, 30)
+    x[3, 0] = float("nan")
+    clipper = BookKeepingClipper(model, 1.0)
+    with clipper.recording():
+        out = model(x)
+    with pytest.raises(ClipBoundError, match="not finite"):
+        clipper.clipped_backward(_CE(out, torch.zeros(8, dtype=torch.long)))
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_guard_passes_examples_clipped_exactly_to_the_bound() -> None:
+    # Every example clipped (tiny C): each contributes C·n/(n + 1e-6), a hair under C.
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.rand(32, 1, 8, 8, generator=g) * 5, torch.randint(0, 10, (32,), generator=g)
+    norms, _ = _bk_clipped_sum(build_model("digits_cnn", (1, 8, 8), 10, 0), x, y, 1e-4)
+    contributions = bookkeeping.clip_factors(norms, 1e-4, 1.0) * norms
+    assert float(contributions.min()) > 1e-4 * (1 - 1e-5)

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from fedstack.privacy import poisson
+from fedstack.privacy import bookkeeping, poisson
+from fedstack.privacy.bookkeeping import ClipBoundError
 from fedstack.privacy.engine import BudgetExhaustedError, DPSetupError, LocalDP
 from fedstack.privacy.model_check import make_dp_compatible
 from fedstack.privacy.poisson import PoissonBatches
@@ -185,3 +186,20 @@ def test_delta_must_be_below_one_over_n() -> None:
     dp = LocalDP(_settings("bk", 1.0), num_examples=N, batch_size=BATCH, local_epochs=1,
                  planned_rounds=1)
     assert dp.delta == pytest.approx(1 / (10 * N))
+
+
+def test_bk_guard_stops_the_step_before_update_and_accounting(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Clipping broken (no clip at all): the step must neither move the model nor be
+    # accounted; the round fails loudly instead of releasing an update ε does not cover.
+    monkeypatch.setattr(bookkeeping, "clip_factors",
+                        lambda norms, clip, scale: torch.full_like(norms, scale))
+    dp = LocalDP(_settings("bk", 1.0, clip=1e-3), num_examples=N, batch_size=BATCH,
+                 local_epochs=1, planned_rounds=1, generator=torch.Generator().manual_seed(2))
+    model = build_model("digits_cnn", (1, 8, 8), 10, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    private = dp.make_private(model, lambda p: torch.optim.SGD(p, lr=LR), _data())
+    with pytest.raises(ClipBoundError, match=r"dp\.max_grad_norm"):
+        private.train_epoch()
+    assert private.accountant.history == []
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))

@@ -17,6 +17,15 @@ layers: ``nn.Linear`` (any leading dims), ``nn.Conv2d`` (groups=1, zero padding;
 Anything else with trainable parameters raises :class:`UnsupportedLayerError` naming the
 layer, so a model never trains with a parameter silently left unclipped.
 
+Adding per-layer squared norms gives an example's true norm only when every parameter
+belongs to exactly one layer, each layer runs once per forward pass and no layer mixes
+examples. The clipper refuses models that break the first or the third (tied weights,
+BatchNorm: see `fedstack.privacy.model_check`) when it is built, and a layer run twice at its
+first step. Every step then checks that no example's clipped contribution exceeds C (and
+that no norm is NaN/inf) before anything is added to the gradients:
+:class:`ClipBoundError` stops training rather than release an update the accounting does
+not cover.
+
 The clip factor is Opacus's (``C / (norm + 1e-6)`` capped at 1) so that results can be
 checked against Opacus's clipped-and-summed gradients.
 
@@ -38,6 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedstack.log import get_logger
+from fedstack.privacy.model_check import DPModelError, batch_dependent_layers, shared_parameters
+
+log = get_logger(__name__)
+
 # Numerical guard of the clip factor; identical to Opacus's so both give the same sums.
 CLIP_EPSILON = 1e-6
 # Above this many per-sample gradient elements for one layer (B x out x in), the norm is
@@ -46,13 +60,27 @@ CLIP_EPSILON = 1e-6
 MAX_PER_SAMPLE_ELEMENTS = 1 << 26
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d, nn.GroupNorm)
+#: The only parameters the per-layer formulas clip; any other one on a layer would escape.
+CLIPPED_PARAMETER_NAMES = frozenset({"weight", "bias"})
+#: Relative slack of the run-time bound check: clip factors are computed in floating point,
+#: so an example at the bound may come out a few ulps above C.
+CONTRIBUTION_RTOL = 1e-5
 # Extra room when a workspace buffer grows (Poisson batch sizes vary from step to step), so
 # that a slightly larger batch does not reallocate.
 WORKSPACE_HEADROOM = 1.25
 
 
-class UnsupportedLayerError(ValueError):
-    """A trainable layer book-keeping cannot clip per sample (use an Opacus mode)."""
+class UnsupportedLayerError(DPModelError):
+    """A model book-keeping cannot clip per sample (a layer it has no formula for, a shared
+    parameter, a layer mixing examples); the message names the layer."""
+
+
+class ClipBoundError(RuntimeError):
+    """An example's clipped contribution came out above C (or not finite) at run time.
+
+    Raised before the step's clipped sum is added, so nothing beyond the bound is released.
+    The message carries no data-dependent value: a client may pass it on to the server.
+    """
 
 
 @dataclass
@@ -108,6 +136,11 @@ def unsupported_layers(model: nn.Module) -> list[str]:
             continue
         if not isinstance(module, SUPPORTED_LAYERS):
             problems.append(f"{name or '<root>'} ({type(module).__name__})")
+        elif extra := sorted(n for n, p in module.named_parameters(recurse=False)
+                             if p.requires_grad and n not in CLIPPED_PARAMETER_NAMES):
+            # e.g. weight_norm's weight_g/weight_v: the formulas clip .weight and .bias only.
+            problems.append(f"{name or '<root>'} ({type(module).__name__} with parameters "
+                            f"{', '.join(extra)})")
         elif isinstance(module, nn.Conv2d) and (
             module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
         ):
@@ -137,7 +170,15 @@ class BookKeepingClipper:
                 f"GroupNorm layers; this model also trains: {', '.join(problems)}. "
                 "Use dp.grad_sample_mode=hooks (Opacus) for it."
             )
-        if max_grad_norm <= 0:
+        # The per-layer norms add up to an example's norm only if no parameter is shared
+        # between layers and no layer mixes examples (fedstack.privacy.model_check).
+        structural = [str(p) for p in (*shared_parameters(model), *batch_dependent_layers(model))]
+        if structural:
+            raise UnsupportedLayerError(
+                "grad_sample_mode=bk cannot bound each example's gradient for this model: "
+                + "; ".join(structural)
+            )
+        if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         self.model = model
         self.max_grad_norm = float(max_grad_norm)
@@ -242,12 +283,44 @@ class BookKeepingClipper:
             finishers.append(finish)
         assert norm_sq is not None  # at least one trainable layer (checked in __init__)
         norms = norm_sq.sqrt_()
-        # scale * min(1, C / (norm + eps)), in three tensor ops (each costs several µs of
-        # dispatch on small models, comparable to their arithmetic).
-        factors = torch.div(self.max_grad_norm * scale, norms + CLIP_EPSILON).clamp_(max=scale)
+        factors = clip_factors(norms, self.max_grad_norm, scale)
+        self._check_contributions(norms, factors, scale)
         for finish in finishers:
             finish(factors)
         return norms
+
+    def _check_contributions(self, norms: Tensor, factors: Tensor, scale: float) -> None:
+        """Refuse the step if any example's clipped contribution |c_i|·‖g_i‖ exceeds scale·C.
+
+        What it guards: the clip arithmetic as it actually ran (factors against the norms
+        they were computed from), and NaN/inf norms (a diverged loss would otherwise put NaN
+        into every parameter). It cannot see a norm the per-layer formulas under-count; the
+        model checks in __init__ and the one-run-per-layer check exclude those cases. Cost:
+        three small ops on (B,) tensors and one scalar read per step.
+        """
+        if not norms.numel():
+            return
+        largest = float(torch.max((norms * factors).abs_()))  # max() propagates NaN
+        if largest <= self.max_grad_norm * scale * (1 + CONTRIBUTION_RTOL):
+            return
+        cause = ("a per-example gradient norm is NaN or infinite (the loss diverged? lower "
+                 "the learning rate)") if not math.isfinite(largest) else (
+                 "an example's clipped gradient came out above the clipping bound")
+        log.error("bk clipping guard: %s; no update applied", cause)
+        raise ClipBoundError(
+            f"grad_sample_mode=bk: an example's clipped contribution was not within "
+            f"dp.max_grad_norm={self.max_grad_norm:g} (or not finite); training stopped before "
+            "the step so that no update beyond the DP bound is released"
+        )
+
+
+def clip_factors(norms: Tensor, max_grad_norm: float, scale: float) -> Tensor:
+    """``scale * min(1, C / (norm + eps))`` per example: Opacus's clip factor, pre-scaled.
+
+    Three tensor ops (each costs several µs of dispatch on small models, comparable to their
+    arithmetic).
+    """
+    return torch.div(max_grad_norm * scale, norms + CLIP_EPSILON).clamp_(max=scale)
 
 
 class _RecordingScope:

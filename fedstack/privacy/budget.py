@@ -8,14 +8,14 @@ tighten the run's budget on its own node (node config `max-epsilon`), never loos
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any
 
+from fedstack.log import get_logger
 from fedstack.privacy.accountant_state import PrivacyState
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 #: Start of the decline reason a client gives when its budget is spent; the server's
 #: ledger counts such clients as exhausted (other declines are not).

@@ -21,7 +21,6 @@ cannot train a round that does not fit.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -31,8 +30,9 @@ from opacus.accountants import IAccountant
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
+from fedstack.log import get_logger
 from fedstack.privacy.accountant_state import PrivacyState, PrivacyStateError
-from fedstack.privacy.bookkeeping import BookKeepingClipper
+from fedstack.privacy.bookkeeping import BookKeepingClipper, unsupported_layers
 from fedstack.privacy.budget import BudgetDecision, check_round, effective_budget
 from fedstack.privacy.calibration import (
     SamplingPlan,
@@ -40,12 +40,12 @@ from fedstack.privacy.calibration import (
     derive_noise_multiplier,
     sampling_plan,
 )
-from fedstack.privacy.model_check import make_dp_compatible
+from fedstack.privacy.model_check import DPModelError, dp_problems, make_dp_compatible
 from fedstack.privacy.poisson import PoissonBatches, secret_generator
 from fedstack.privacy.secure_random import AesCtrRandom, RandomSource, TorchRandom
 from fedstack.privacy.settings import GRAD_SAMPLE_MODES, LocalDPSettings
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -60,6 +60,28 @@ class BudgetExhaustedError(RuntimeError):
     def __init__(self, decision: BudgetDecision) -> None:
         super().__init__(decision.reason)
         self.decision = decision
+
+
+def check_dp_model(model: nn.Module, grad_sample_mode: str) -> None:
+    """Raise DPModelError naming every layer that keeps `model` from DP-SGD as built.
+
+    For a start-up check (the ServerApp, before any client works): every problem counts,
+    fixable ones included, because the ClientApp trains the server's architecture as it is
+    (`allow_model_fix=False`). Covers, for every mode, what `model_check` refuses (tied
+    weights, layers mixing examples or keeping running statistics, in-place activations,
+    Opacus's validator) and, for `bk`, layers it has no per-sample formula for.
+    """
+    if grad_sample_mode not in GRAD_SAMPLE_MODES:
+        raise ValueError(f"unknown grad_sample_mode {grad_sample_mode!r}")
+    problems = dp_problems(model)
+    if grad_sample_mode == "bk":
+        problems += [f"{layer}: no per-sample formula in grad_sample_mode=bk (use an Opacus "
+                     "mode, e.g. dp.grad_sample_mode=hooks)" for layer in unsupported_layers(model)]
+    if problems:
+        raise DPModelError(
+            f"the model cannot be trained with DP-SGD (dp.grad_sample_mode={grad_sample_mode}) "
+            "as built: " + "; ".join(problems)
+        )
 
 
 class LocalDP:
@@ -162,7 +184,8 @@ class LocalDP:
 
         The model is checked (and, if `allow_model_fix`, fixed: BatchNorm -> GroupNorm) and
         the optimizer is built *after* fixing from the returned model's parameters. Raises
-        BudgetExhaustedError if the round does not fit the budget.
+        BudgetExhaustedError if the round does not fit the budget, DPModelError (naming the
+        layers) if the model cannot be trained privately in this mode.
         """
         decision = self.check_budget()
         if not decision.allowed:
@@ -174,11 +197,12 @@ class LocalDP:
             )
         model, changes = make_dp_compatible(model)
         if changes and not allow_model_fix:
-            raise ValueError(
+            raise DPModelError(
                 "model is not DP-compatible as built: " + "; ".join(changes)
                 + ". Build it DP-compatible on every party (fedstack.privacy.model_check."
                 "make_dp_compatible) so that server and clients share one architecture."
             )
+        check_dp_model(model, self.settings.grad_sample_mode)
         optimizer = optimizer_factory(model.parameters())
         batches = PoissonBatches(
             dataset, self.plan.sample_rate, self.plan.steps_per_epoch, self.random

@@ -9,7 +9,6 @@ an exception, so the round goes on with the other clients.
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
@@ -17,12 +16,13 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fedstack.log import get_logger
 from fedstack.privacy.accountant_state import PrivacyState
 from fedstack.privacy.engine import DPSetupError, LocalDP
 from fedstack.privacy.settings import LocalDPSettings
 from fedstack.task.training import TrainOutcome, make_optimizer
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class DPTrainer:
