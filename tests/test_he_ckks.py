@@ -97,7 +97,9 @@ def test_full_symmetric_ciphertexts_work_and_are_larger(keys):
 
 
 def test_byte_budget_of_default_preset(keys):
-    dim = 24 * 2048 - 1  # full ciphertexts: the padding of a partial last one is not counted
+    # Full ciphertexts (2047 values + the check slot each, the weight slot last): the padding
+    # of a partial last one is not counted.
+    dim = 24 * 2047 - 1
     rng = np.random.default_rng(1)
     vectors = [rng.normal(0, 0.1, dim) for _ in range(2)]
     ctx = keys[DEFAULT_PRESET]

@@ -1,14 +1,29 @@
 """CKKS encrypted averaging: client encryption, validated streaming sum, key-holder decryption.
 
 Flow: a client flattens its model, multiplies by its weight n_k (an integer, its number of
-examples), appends n_k, splits the vector into slot-sized chunks and encrypts each chunk with
-SEAL's symmetric encryption under the shared secret key. Symmetric encryption is allowed
+examples), appends n_k, splits the vector into chunks of `slots - 1` values, puts the check
+constant 1 into the last slot of every chunk and encrypts each chunk with SEAL's symmetric
+encryption under the shared secret key. Symmetric encryption is allowed
 because every client is a key holder, and it is what makes *seeded* ciphertexts possible: the
 uniformly random half of a fresh ciphertext is replaced by the 64-byte PRNG seed it was
 expanded from, halving the uplink. The server only ever holds a `PublicContext`: it loads each
 reply through SEAL's validating loader, checks fingerprint/count/scale/level, adds reply by
 reply into one running ciphertext vector and sends the sum back bit-packed at the prime's width.
-Key holders decrypt, read the total weight from the last slot and divide.
+Key holders decrypt, verify the aggregate (below), read the total weight and divide.
+
+Verification (`decrypt_mean`): CKKS decryption never fails. A ciphertext that is random bytes,
+or was made under another key (whatever fingerprint it is labelled with), decrypts to values
+spread over the whole modulus, about q / scale * sqrt(N / 24) ~ 4e8 with the standard preset.
+So every ciphertext carries one check slot holding 1 per contribution: a sum of m replies must
+decrypt to m in the check slot of *every* ciphertext, within the 8-sigma noise bound (~1e-5).
+A forged or corrupted ciphertext anywhere in any reply lands a check slot within that window
+with probability ~1e-14 (one check slot per ciphertext also catches a reply with one bad
+ciphertext among good ones). On top, the bounds every honest reply obeys must hold for the
+sum: m <= total weight <= m * max_weight (an integer) and |sum n_k w_k| <= max_abs_value *
+total. These checks are closed under disjoint union (if every part of a partition passes, the
+whole passes), which is what lets the server find a bad reply by testing sums of groups.
+What they cannot detect is a well-formed encryption of wrong values within the bounds (a key
+holder, or anyone with the public key, can make one): that is poisoning, not corruption.
 
 Nothing here imports Flower: the wire form is a dict of numpy arrays (`EncryptedVector.
 to_arrays`), which the strategy and the client mod put into an ArrayRecord.
@@ -38,7 +53,8 @@ from fedstack.strategies.he.seal_io import (
 )
 
 WIRE_FORMAT = "fedstack-ckks-vector"
-WIRE_VERSION = 1
+#: 2: every ciphertext's last slot is a check slot (version 1 had none).
+WIRE_VERSION = 2
 # Keys of the wire form inside an ArrayRecord.
 META_KEY = "he.meta"
 LENGTHS_KEY = "he.lengths"
@@ -52,15 +68,30 @@ PACKED_SCALE = struct.Struct("<d")
 # Slack over the uncompressed size of a SEAL ciphertext blob: seed info and zstd framing.
 SEAL_BLOB_SLACK = 512
 MAX_META_BYTES = 4096
+#: What each contribution puts into the check slot of each of its ciphertexts.
+CHECK_VALUE = 1.0
+#: The decrypted total weight must be this close to an integer (weights are example counts;
+#: the capacity check keeps the real error orders of magnitude below).
+WEIGHT_ROUNDING_TOLERANCE = 0.25
 
 
 class CiphertextError(ValueError):
     """An encrypted message that must be rejected; the message says why."""
 
 
+class AggregateCheckError(CiphertextError):
+    """A decrypted sum fails its check slots or bounds: some summed ciphertext was bad.
+
+    The message carries decrypted numbers: it is for the key holder's own log, never for a
+    reply to the server.
+    """
+
+
 @dataclass(frozen=True)
 class EncryptedVector:
     """An encrypted weighted vector: `dim` values then one weight slot, in ciphertext chunks.
+
+    Each ciphertext holds `slots - 1` of those values and a check slot (see `layout`).
 
     `num_terms` is how many client vectors were summed into it (1 for a client's reply); the
     noise bound grows with it. `digest` (SHA-256 of blob) catches truncation and corruption in
@@ -162,8 +193,19 @@ class EncryptedVector:
 
 
 def num_ciphertexts(dim: int, slots: int) -> int:
-    """Ciphertexts for `dim` values plus the weight slot."""
-    return math.ceil((dim + 1) / slots)
+    """Ciphertexts for `dim` values plus the weight slot (each also holds a check slot)."""
+    return math.ceil((dim + 1) / (slots - 1))
+
+
+def _to_slots(vector: np.ndarray, slots: int, count: int) -> np.ndarray:
+    """(count, slots) matrix: the vector in row-major chunks of slots - 1, check slot last."""
+    data = slots - 1
+    out = np.zeros((count, slots), dtype=np.float64)
+    padded = np.zeros(count * data, dtype=np.float64)
+    padded[: vector.size] = vector
+    out[:, :data] = padded.reshape(count, data)
+    out[:, data] = CHECK_VALUE
+    return out
 
 
 def _check_scale_bits(scale_bits: int) -> float:
@@ -209,9 +251,11 @@ def encrypt_update(
     s = _sealapi()
     slots = ctx.slots
     count = num_ciphertexts(vec.size, slots)
-    padded = np.zeros(count * slots, dtype=np.float64)
-    np.multiply(vec, float(weight), out=padded[: vec.size])
-    padded[vec.size] = float(weight)
+    weighted = np.empty(vec.size + 1, dtype=np.float64)
+    np.multiply(vec, float(weight), out=weighted[: vec.size])
+    weighted[vec.size] = float(weight)
+    rows = _to_slots(weighted, slots, count)
+    del weighted
     encoder = s.CKKSEncoder(ctx.seal)
     encryptor = s.Encryptor(ctx.seal, ctx.secret_key)
     scratch = Scratch()
@@ -219,7 +263,7 @@ def encrypt_update(
     try:
         for i in range(count):
             plain = s.Plaintext()
-            encoder.encode(padded[i * slots : (i + 1) * slots].tolist(), scale, plain)
+            encoder.encode(rows[i].tolist(), scale, plain)
             if seeded:
                 parts.append(scratch.save(encryptor.encrypt_symmetric(plain)))
             else:
@@ -432,12 +476,14 @@ def decrypt_mean(
     dim: int | None = None,
     scale_bits: int | None = None,
     max_weight: int | None = None,
+    max_abs_value: float | None = None,
 ) -> DecryptedMean:
-    """Decrypt an encrypted (weighted) sum and divide by its decrypted total weight.
+    """Decrypt an encrypted (weighted) sum, verify it, and divide by its total weight.
 
     Only a key holder can do this: a PublicContext (the server's) raises HEKeyError.
-    The weight slot is rounded to an integer (weights are example counts), which the
-    configuration's capacity check guarantees to be exact.
+    Raises AggregateCheckError (see the module docstring) unless every check slot decrypts to
+    the number of summed vectors, the total weight is an integer in [m, m * max_weight] and
+    (when `max_abs_value` is given) the weighted values stay within +-max_abs_value.
     """
     if not getattr(ctx, "has_secret_key", False) or not isinstance(ctx, SecretContext):
         raise HEKeyError(
@@ -453,27 +499,43 @@ def decrypt_mean(
     decryptor = s.Decryptor(ctx.seal, ctx.secret_key)
     encoder = s.CKKSEncoder(ctx.seal)
     slots = ctx.slots
-    out = np.empty(ev.count * slots, dtype=np.float64)
+    rows = np.empty((ev.count, slots), dtype=np.float64)
     try:
         for i, chunk in enumerate(ev.chunks()):
             ct = loader.load(chunk, ev.kind, i)
             plain = s.Plaintext()
             decryptor.decrypt(ct, plain)
-            out[i * slots : (i + 1) * slots] = encoder.decode_double(plain)
+            rows[i] = encoder.decode_double(plain)
     finally:
         loader.close()
-    raw_weight = float(out[dim])
-    total = round(raw_weight)
-    limit = ev.num_terms * (max_weight if max_weight is not None else math.inf)
-    if not 1 <= total <= limit or abs(raw_weight - total) > 0.25:
-        raise CiphertextError(
-            f"decrypted total weight {raw_weight:.4g} is not a valid example count: the "
-            "sum overflowed or a reply was malformed"
-        )
     bound = noise_bound(ctx.preset.poly_modulus_degree, ev.num_terms) / 2.0**scale_bits
+    terms = ev.num_terms
+    checks = rows[:, slots - 1]
+    worst = float(np.max(np.abs(checks - CHECK_VALUE * terms)))
+    if not worst <= bound:  # also catches NaN
+        raise AggregateCheckError(
+            f"check slots are off by up to {worst:.4g} from {terms} (bound {bound:.2g}): a "
+            "summed ciphertext was random, corrupted or made under another key"
+        )
+    values = rows[:, : slots - 1].reshape(-1)[: dim + 1]
+    raw_weight = float(values[dim])
+    total = round(raw_weight)
+    limit = terms * (max_weight if max_weight is not None else math.inf)
+    if not terms <= total <= limit or abs(raw_weight - total) > WEIGHT_ROUNDING_TOLERANCE:
+        raise AggregateCheckError(
+            f"decrypted total weight {raw_weight:.4g} is not a valid example count for "
+            f"{terms} replies: the sum overflowed or a reply was malformed"
+        )
+    if max_abs_value is not None and dim:
+        peak = float(np.max(np.abs(values[:dim])))
+        if not peak <= max_abs_value * total + bound:
+            raise AggregateCheckError(
+                f"a weighted value of magnitude {peak:.4g} exceeds max_abs_value * total "
+                f"weight = {max_abs_value * total:.4g}: a reply broke the value bounds"
+            )
     return DecryptedMean(
-        mean=out[:dim] / total,
+        mean=values[:dim] / total,
         total_weight=total,
-        num_terms=ev.num_terms,
+        num_terms=terms,
         error_bound=bound / total,
     )

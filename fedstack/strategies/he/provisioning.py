@@ -1,10 +1,14 @@
 """Where each party's CKKS context comes from, in simulation and in deployment.
 
 Server: `aggregation.public_context` when given (deployment: the public file from
-`fedstack keys`). Otherwise, simulation: a key pair is generated into `<run_dir>/he_keys/` (kept
-there, so a resumed run and `fedstack decrypt` find the same key) and the strategy loads only the
-public file. In that case one process (the simulation) created both halves: the privacy report
-says so.
+`fedstack keys`). Otherwise, simulation only: a key pair is generated into `<run_dir>/he_keys/`
+(kept there, so a resumed run and `fedstack decrypt` find the same key) and the strategy loads
+only the public file. In that case one process (the simulation) created both halves: the
+privacy report says so. Outside simulation the server refuses to generate keys (it would hold
+the secret key): Flower hands a ServerApp started by a SuperLink (`flwr run` against a
+deployed federation) its `HttpGrid`, and a simulated one an `InMemoryGrid` (`flwr run` with
+the simulation runtime, `run_simulation`, `fedstack run`);
+`fedstack.strategies.runtime.is_deployment` reads that.
 
 Client, in order: its node config `he-secret-context` (deployment: each SuperNode's own
 file), then `aggregation.secret_context`, then, only when neither is set, the secret-context
@@ -58,13 +62,45 @@ class ServerKeys:
         return self.simulation_secret_path is not None
 
 
-def server_keys(settings: Any, run_dir: Path) -> ServerKeys:
-    """The server's public context (never a secret one)."""
+def check_server_key_source(settings: Any, *, deployment: bool) -> None:
+    """Start-up check (no side effect): the server can get a public context legitimately.
+
+    Loads `aggregation.public_context` when given (missing/corrupt/secret/wrong-preset files
+    fail here, naming the key); without it, refuses a deployment.
+    """
     if settings.public_context:
-        path = Path(str(settings.public_context)).expanduser().resolve()
+        load_server_public_context(settings)
+    elif deployment:
+        raise HEKeyError(DEPLOYMENT_NEEDS_PUBLIC_CONTEXT)
+
+
+#: Why a deployed server does not generate keys (and what to do instead).
+DEPLOYMENT_NEEDS_PUBLIC_CONTEXT = (
+    "aggregation.public_context is not set: outside simulation the server refuses to generate "
+    "the CKKS key pair itself (it would then hold the secret key and could read every update). "
+    "Create keys on a data owner's machine with `fedstack keys --out DIR`, give each SuperNode "
+    f"DIR/{SECRET_CONTEXT_FILENAME} (--node-config \"{NODE_SECRET_CONTEXT_KEY}='PATH'\") and "
+    f"run with aggregation.public_context=DIR/{PUBLIC_CONTEXT_FILENAME}"
+)
+
+
+def load_server_public_context(settings: Any) -> ServerKeys:
+    """`aggregation.public_context`, loaded and checked against the preset."""
+    path = Path(str(settings.public_context)).expanduser().resolve()
+    try:
         ctx = load_public_context(path)
-        _check_preset(ctx, settings, str(path))
-        return ServerKeys(ctx, path, None)
+    except HEKeyError as exc:
+        raise HEKeyError(f"aggregation.public_context: {exc}") from None
+    _check_preset(ctx, settings, f"aggregation.public_context={path}")
+    return ServerKeys(ctx, path, None)
+
+
+def server_keys(settings: Any, run_dir: Path, *, deployment: bool = False) -> ServerKeys:
+    """The server's public context (never a secret one); keys are generated in simulation only."""
+    if settings.public_context:
+        return load_server_public_context(settings)
+    if deployment:
+        raise HEKeyError(DEPLOYMENT_NEEDS_PUBLIC_CONTEXT)
     key_dir = Path(run_dir) / SIMULATION_KEY_DIR
     secret_path = key_dir / SECRET_CONTEXT_FILENAME
     public_path = key_dir / PUBLIC_CONTEXT_FILENAME
