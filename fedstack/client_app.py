@@ -7,12 +7,14 @@ plaintext models and never know which protocol carries their update.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedstack.config import config_from_message
+from fedstack.log import DEFAULT_LOG_LEVEL, configure_console
+from fedstack.privacy.ledger_sync import IDENTITY_ACTION, identity_reply
 from fedstack.strategies.client_mods import protocol_mod
 from fedstack.strategies.reply_validation import DECLINE_RECORD, DECLINED_KEY, NUM_EXAMPLES_KEY
 
@@ -28,6 +30,16 @@ NUM_PARTITIONS_KEY = "num-partitions"
 DP_TRAINER_BUILDER = "fedstack.privacy.local_trainer:build_dp_trainer"
 
 app = ClientApp()
+
+
+@runtime_checkable
+class AccountingTrainer(Protocol):
+    """A LocalTrainer whose replies carry records beyond metrics (DP: its accountant state,
+    for the server's privacy ledger) and that knows whether its declines are for good."""
+
+    decline_permanent: bool
+
+    def reply_records(self) -> dict[str, dict[str, Any]]: ...
 
 
 def partition_of(context: Context) -> tuple[int, int]:
@@ -48,6 +60,9 @@ def _client_setup(msg: Message, context: Context) -> tuple[Any, int, ClientData,
     from fedstack.task.models import build_model
 
     cfg = config_from_message(msg, context)
+    # This process may be a fresh ClientApp or a Ray actor: quiet its console (Opacus's import
+    # would otherwise double every line) at the run's log level.
+    configure_console(cfg.get("log_level", DEFAULT_LOG_LEVEL))
     partition_id, num_partitions = partition_of(context)
     data = load_client_data(cfg, partition_id, num_partitions)
     model = build_model(cfg.task.model, data.task.input_shape, data.task.num_classes, cfg.seed)
@@ -55,15 +70,17 @@ def _client_setup(msg: Message, context: Context) -> tuple[Any, int, ClientData,
     return cfg, partition_id, data, model
 
 
-def local_trainer(cfg: Any, context: Context, partition_id: int, data: ClientData) -> LocalTrainer:
-    """Plain SGD, or DP-SGD when `dp=local` (the privacy layer keeps its state in `context`)."""
+def local_trainer(cfg: Any, context: Context, partition_id: int, data: ClientData,
+                  content: RecordDict | None = None) -> LocalTrainer:
+    """Plain SGD, or DP-SGD when `dp=local` (the privacy layer keeps its state in `context`
+    and reads the server ledger's record of this client from the message `content`)."""
     if cfg.dp.name == "none":
         from fedstack.task.training import SGDTrainer
 
         return SGDTrainer(cfg.task, int(cfg.seed), partition_id)
     from fedstack.strategies import load_object
 
-    return load_object(DP_TRAINER_BUILDER)(cfg, context, partition_id, data)
+    return load_object(DP_TRAINER_BUILDER)(cfg, context, partition_id, data, content)
 
 
 @app.train(mods=[protocol_mod])
@@ -71,20 +88,34 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the local partition; reply with the new weights."""
     cfg, partition_id, data, model = _client_setup(msg, context)
     server_round = int(msg.content["config"]["server-round"])
-    trainer = local_trainer(cfg, context, partition_id, data)
+    trainer = local_trainer(cfg, context, partition_id, data, msg.content)
     outcome = trainer.train(model, data.train, server_round)
     metrics: dict[str, Any] = {"partition-id": partition_id, **outcome.metrics}
+    accounting = isinstance(trainer, AccountingTrainer)
+    records = {name: ConfigRecord(record) for name, record in
+               (trainer.reply_records().items() if accounting else ())}
     if outcome.declined is not None:
         metrics.update({DECLINED_KEY: 1, NUM_EXAMPLES_KEY: 0})
+        permanent = trainer.decline_permanent if accounting else True
         return Message(RecordDict({
             "metrics": MetricRecord(metrics),
-            DECLINE_RECORD: ConfigRecord({"reason": outcome.declined, "permanent": True}),
+            DECLINE_RECORD: ConfigRecord({"reason": outcome.declined, "permanent": permanent}),
+            **records,
         }), reply_to=msg)
     metrics.update({NUM_EXAMPLES_KEY: outcome.num_examples, "train-loss": outcome.train_loss})
     return Message(RecordDict({
         "arrays": ArrayRecord(model.state_dict()),
         "metrics": MetricRecord(metrics),
+        **records,
     }), reply_to=msg)
+
+
+@app.query(IDENTITY_ACTION)
+def identify(msg: Message, context: Context) -> Message:
+    """Say which client (partition) this node is: the privacy ledger asks after a restart,
+    when nodes have new ids, so that it sends each client only its own record."""
+    partition_id, _ = partition_of(context)
+    return identity_reply(partition_id, msg)
 
 
 @app.evaluate(mods=[protocol_mod])

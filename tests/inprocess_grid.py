@@ -94,3 +94,19 @@ class InProcessGrid(Grid):
             if reply is not None:
                 replies.append(reply)
         return replies
+
+
+class PowerCut(RuntimeError):
+    """The server died mid-round (a test's stand-in for a crash)."""
+
+
+def die_in_round(server_round: int) -> ReplyHook:
+    """A reply hook that kills the server when the train/evaluate reply of `server_round`
+    arrives: the round's work is lost, earlier rounds are checkpointed."""
+
+    def hook(node: int, request: Message, reply: Message) -> Message:
+        if int(request.content["config"]["server-round"]) == server_round:
+            raise PowerCut(f"power cut in round {server_round}")
+        return reply
+
+    return hook

@@ -70,6 +70,7 @@ def test_epsilon_after_rounds_equals_one_shot(accountant: str) -> None:
                                     rel=1e-9)
     assert all(b > a for a, b in itertools.pairwise(epsilons))  # monotone
     assert record["steps"] == [3 * steps_per_round] and record["rounds"] == [1, 2, 3]
+    assert record["round_steps"] == [steps_per_round] * 3
 
 
 def test_state_survives_a_process_boundary() -> None:
@@ -144,7 +145,8 @@ def test_damaged_state_is_rejected_not_reset() -> None:
     record, _ = _train_round(None, 1)
     for key, value in [("steps", [1, 2]), ("noise_multipliers", ["x"]),
                        ("sample_rates", [1.5]), ("format", 99), ("mechanism", "gdp"),
-                       ("delta", float("nan"))]:
+                       ("delta", float("nan")), ("round_steps", [1]),
+                       ("round_steps", [1, 1, 1])]:
         bad = dict(record, **{key: value})
         with pytest.raises(PrivacyStateError):
             PrivacyState.from_record(bad)
@@ -154,3 +156,23 @@ def test_switching_accountant_mid_run_is_refused() -> None:
     record, _ = _train_round(None, 1, "rdp")
     with pytest.raises(PrivacyStateError, match="accountant"):
         _train_round(record, 2, "prv")
+
+
+def test_state_without_per_round_steps_still_loads() -> None:
+    """A record written before per-round steps were kept: loaded, events unknown."""
+    record, _ = _train_round(None, 1)
+    legacy = {k: v for k, v in record.items() if k != "round_steps"}
+    state = PrivacyState.from_record(legacy)
+    assert state.round_steps is None and state.events is None
+    assert state.epsilon(state.delta) == PrivacyState.from_record(record).epsilon(state.delta)
+    later = PrivacyState.from_record(_train_round(legacy, 2)[0])
+    assert later.covers(state) and not state.covers(later) and later.round_steps is None
+
+
+def test_covers_compares_history_and_rounds() -> None:
+    one, _ = _train_round(None, 1)
+    two, _ = _train_round(one, 2)
+    rerun, _ = _train_round(one, 3)  # same steps as `two`, a different round: not the same
+    s1, s2, s3 = (PrivacyState.from_record(r) for r in (one, two, rerun))
+    assert s2.covers(s1) and s2.covers(s2) and not s1.covers(s2)
+    assert s2.steps == s3.steps and not s3.covers(s2) and not s2.covers(s3)

@@ -18,7 +18,7 @@ from fedstack.privacy.accountant_state import PrivacyState
 from fedstack.privacy.local_trainer import load_privacy_state
 from fedstack.server_app import run_server
 from fedstack.task.client_data import load_client_data
-from tests.inprocess_grid import InProcessGrid
+from tests.inprocess_grid import InProcessGrid, PowerCut, die_in_round
 
 BASE = ["task=breast_cancer", "partition=iid", "num_clients=3", "min_train_nodes=1",
         "dp=local", "dp.noise_multiplier=1.0", "dp.target_epsilon=null"]
@@ -81,7 +81,8 @@ def test_every_client_exhausted_stops_the_run(tmp_path: Path) -> None:
     cfg = compose_config([*BASE, "num_rounds=5", f"dp.max_epsilon={budget}",
                           f"output_dir={tmp_path}", "run_name=r"])
     summary = run_server(InProcessGrid(client_app, 3), cfg)
-    assert summary["rounds_completed"] == 3  # rounds 1-2 trained; round 3 all declined
+    assert summary["rounds_completed"] == 2  # rounds 1-2 trained; round 3 all declined
+    assert summary["status"] == "stopped" and summary["rounds_failed"] == [3]
     assert "declined permanently" in summary["stop_reason"]
     assert sorted(summary["clients_exhausted"]) == ["0", "1", "2"]
     assert summary["epsilon_max"] <= budget
@@ -116,15 +117,7 @@ def test_epsilon_survives_a_server_restart(tmp_path: Path, monkeypatch) -> None:
     cfg = compose_config([*BASE, "num_rounds=3", f"output_dir={tmp_path}", "run_name=r"])
     grid = InProcessGrid(client_app, 3)
 
-    class PowerCut(RuntimeError):
-        pass
-
-    def die_in_round_2(node, request, reply):
-        if request.content["config"]["server-round"] == 2:
-            raise PowerCut
-        return reply
-
-    grid.reply_hook = die_in_round_2
+    grid.reply_hook = die_in_round(2)
     with pytest.raises(PowerCut):
         run_server(grid, cfg)
     first = [json.loads(line) for line in (tmp_path / "r" / "history.jsonl").read_text()

@@ -8,11 +8,14 @@ Modules, one concept each:
 - budget: the before-training budget check and node-level tightening
 - poisson: Poisson-sampled batches from a secret generator
 - bookkeeping: one-backward per-sample clipping (book-keeping, Bu et al. 2023)
-- model_check: Opacus's model validation/fixes with a clear message
+- model_check: what DP-SGD cannot clip (tied weights, layers mixing examples, running
+  statistics), refused naming the layer; standard fixes
 - engine: `LocalDP`, the public per-client per-round entry point (Opacus-style)
 - trainer: `DPTrainer`, the task's LocalTrainer with DP-SGD
 - local_trainer: Flower glue (context.state, node config), the ClientApp's hook
 - ledger, report: server-side `PrivacyLedger`, privacy.json / privacy_report.md / epsilon.png
+- ledger_sync: what the ledger and a client tell each other (records, reconciliation,
+  identity query)
 
 Nothing is imported here, so importing the server-side ledger never pulls in Opacus.
 """

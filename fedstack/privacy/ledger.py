@@ -3,8 +3,15 @@
 Why on the server: clients account for themselves (only they know their data size and
 noise), but the run owner needs one place that says which layers were on, what the server
 could see, and how much ε each client has spent against its budget, and it must survive a
-server restart. The ledger only *records* clients' reports; it never computes ε itself, so
-the report shows exactly what the clients enforced.
+server restart. The ledger *records* clients' reports; it never computes ε itself, so the
+report shows exactly what the clients enforced, and `privacy.json` keeps each client's
+accountant history so that anyone can recompute that ε with Opacus (docs/dp.md).
+
+It is also the clients' memory of last resort, and it is monotonic: each train message
+carries the receiving client's last recorded accountant state (`fedstack.privacy.
+ledger_sync`), so a client that lost its own continues from it instead of from ε = 0; and a
+reply whose cumulative ε went down, or whose history does not extend the recorded one, is
+refused: not recorded as spend and never aggregated (the strategy's `train_hooks`).
 
 It follows every run as a `RoundListener` of the run recorder (dp=none too: the report then
 says there is no DP). Files in the run directory: `privacy.json` (the ledger; reloaded on
@@ -21,12 +28,32 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fedstack.privacy.accountant_state import STATE_FORMAT, PrivacyState, PrivacyStateError
 from fedstack.privacy.budget import BUDGET_EXHAUSTED_PREFIX
+from fedstack.privacy.ledger_sync import (
+    CLIENT_KEY,
+    EPSILON_RELATIVE_SLACK,
+    IDENTITY_ACTION,
+    LEDGER_RECORD,
+    STATUS_RECORDED,
+    STATUS_UNMATCHED,
+    LedgerView,
+    client_label,
+    identities,
+    identity_queries,
+    reply_state,
+    server_record,
+)
 
 LEDGER_FILE = "privacy.json"
 REPORT_FILE = "privacy_report.md"
 PLOT_FILE = "epsilon.png"
 LEDGER_FORMAT = 1
+#: Seconds to wait for nodes to say which client they are (when no strategy is attached).
+DEFAULT_IDENTITY_TIMEOUT = 60.0
+#: Relative tolerance between a reply's ε and the last ε in its accountant record: both
+#: come from the same computation on the client, so any difference is a malformed reply.
+ACCOUNTANT_EPSILON_TOLERANCE = 1e-9
 
 #: One line per aggregation: what that layer adds (the strategy's `visibility` says what
 #: the server then sees).
@@ -50,10 +77,86 @@ class ClientEntry:
     declined: bool = False
     reason: str | None = None
     budget: float | None = None
+    node_id: int | None = None
+    #: Why the strategy did not aggregate this reply; its ε is spent all the same.
+    rejected: str | None = None
+    #: Why the ledger refused this reply's accounting (ε went down...): not counted as
+    #: the client's spend, and the reply was never aggregated.
+    refused: str | None = None
+
+    @property
+    def valid(self) -> bool:
+        return self.refused is None
 
     @property
     def exhausted(self) -> bool:
-        return self.declined and (self.reason or "").startswith(BUDGET_EXHAUSTED_PREFIX)
+        return (self.valid and self.declined
+                and (self.reason or "").startswith(BUDGET_EXHAUSTED_PREFIX))
+
+
+@dataclass
+class ClientAccount:
+    """The latest accounting the ledger accepted from one client."""
+
+    client: str
+    server_round: int
+    node_id: int | None
+    epsilon: float | None
+    budget: float | None
+    #: The client's accountant state (None where the reply path forwards none).
+    state: PrivacyState | None
+
+    def to_json(self, accountant: str | None) -> dict[str, Any]:
+        """The `clients` entry of privacy.json: enough for Opacus to recompute ε."""
+        state = self.state
+        return {
+            "node_id": self.node_id,
+            "accountant": state.mechanism if state is not None else accountant,
+            "history": None if state is None else [list(e) for e in state.history],
+            "delta": None if state is None else state.delta,
+            "epsilon": self.epsilon,
+            "budget": self.budget,
+            "noise_multiplier": None if state is None else state.noise_multiplier,
+            "steps": None if state is None else state.steps,
+            "round": self.server_round,
+            "rounds": None if state is None else list(state.rounds),
+            "round_steps": (None if state is None or state.round_steps is None
+                            else list(state.round_steps)),
+            "epsilons": None if state is None else list(state.epsilons),
+        }
+
+    @classmethod
+    def from_json(cls, client: str, data: dict[str, Any]) -> ClientAccount:
+        """Rebuild from privacy.json; a damaged history raises (PrivacyStateError)."""
+        state = None
+        if data.get("history") is not None:
+            history = data["history"]
+            record = {
+                "format": STATE_FORMAT,
+                "mechanism": data["accountant"],
+                "noise_multipliers": [h[0] for h in history],
+                "sample_rates": [h[1] for h in history],
+                "steps": [h[2] for h in history],
+                "rounds": data.get("rounds") or [],
+                "epsilons": data.get("epsilons") or [],
+                "delta": data.get("delta"),
+                "noise_multiplier": data.get("noise_multiplier"),
+            }
+            if data.get("round_steps") is not None:
+                record["round_steps"] = data["round_steps"]
+            state = PrivacyState.from_record(record)
+        return cls(client=client, server_round=int(data["round"]), node_id=data.get("node_id"),
+                   epsilon=data.get("epsilon"), budget=data.get("budget"), state=state)
+
+
+@dataclass
+class _Reply:
+    """A train reply's accounting, between the strategy's check and the round's end."""
+
+    client: str
+    state: PrivacyState | None
+    refused: str | None
+    metrics: dict[str, float]
 
 
 class PrivacyLedger:
@@ -77,25 +180,52 @@ class PrivacyLedger:
         self.dp = _dp_settings_of(cfg)
         self.num_clients = int(cfg.num_clients) if cfg is not None else None
         self.entries: list[ClientEntry] = []
+        #: client -> its latest accepted accounting (what train messages carry back).
+        self.accounts: dict[str, ClientAccount] = {}
         self.rounds_closed: list[int] = []
         self.stopped: str | None = None
         self._strategy = strategy
+        #: node id -> client, as learnt in *this* process (node ids change across restarts).
+        self._node_clients: dict[int, str] = {}
+        #: node id -> this round's train reply accounting, checked before aggregation.
+        self._replies: dict[int, _Reply] = {}
         if resume and (self.run_dir / LEDGER_FILE).exists():
             self._load()
+        if self.dp_name == "local" and hasattr(strategy, "train_hooks"):
+            strategy.train_hooks.append(self)
 
     # -- RoundListener ------------------------------------------------------------------
     def on_round(self, record: dict[str, Any], round_log: Any) -> None:
         """Take a round's replies; add ε columns to its history row; write the files."""
         server_round = int(round_log.server_round)
-        for node, metrics in round_log.client_metrics.items():
-            if "epsilon" not in metrics and node not in round_log.declined:
+        for node, client in round_log.client_partitions.items():
+            self._node_clients[int(node)] = client_label(client)
+        replies, self._replies = self._replies, {}
+        nodes = list(round_log.client_metrics) + [n for n in replies
+                                                  if n not in round_log.client_metrics]
+        for node in nodes:
+            reply = replies.get(node)
+            metrics = round_log.client_metrics.get(node, reply.metrics if reply else {})
+            if "epsilon" not in metrics and node not in round_log.declined and (
+                    reply is None or reply.state is None):
                 continue
-            client = round_log.client_partitions.get(node, metrics.get("partition-id", node))
-            self.record_reply(server_round, _client_name(client), metrics,
-                              reason=round_log.declined.get(node))
+            client = reply.client if reply is not None else self._client_of(node, metrics)
+            if reply is not None and reply.refused is not None:
+                self._record_refused(server_round, client, metrics, node, reply.refused)
+                continue
+            self.record_reply(server_round, client, metrics,
+                              reason=round_log.declined.get(node), node_id=int(node),
+                              state=reply.state if reply is not None else None,
+                              rejected=round_log.rejected.get(node))
         if server_round >= 1 and server_round not in self.rounds_closed:
             self.rounds_closed.append(server_round)
         record.update(self.round_columns(server_round))
+        record["client_of_node"] = {
+            str(node): self._node_clients[node]
+            for node in sorted({*round_log.sampled, *round_log.client_metrics,
+                                *round_log.rejected, *round_log.declined})
+            if node in self._node_clients
+        }
         self.write()
 
     def summary_fields(self) -> dict[str, Any]:
@@ -108,29 +238,118 @@ class PrivacyLedger:
             self.stopped = str(stop)
         self.write()
 
+    # -- the strategy's train hooks -----------------------------------------------------
+    def train_records(self, grid: Any, node_ids: list[int]) -> dict[int, dict[str, dict]]:
+        """Each node's `dp-ledger` record: the ledger's last accounting of that client.
+
+        Nodes not yet seen in this process (a restart gives them new ids) are first asked
+        who they are, but only while some recorded client is still unattributed.
+        """
+        if not self.accounts:
+            return {}
+        unknown = [n for n in node_ids if n not in self._node_clients]
+        if unknown and self._unattributed():
+            self._identify(grid, unknown)
+        out: dict[int, dict[str, dict]] = {}
+        for node in node_ids:
+            client = self._node_clients.get(node)
+            if client is None:
+                if self._unattributed():
+                    out[node] = {LEDGER_RECORD: server_record(LedgerView(STATUS_UNMATCHED))}
+                continue
+            account = self.accounts.get(client)
+            if account is not None:
+                out[node] = {LEDGER_RECORD: server_record(LedgerView(
+                    STATUS_RECORDED, client=client, server_round=account.server_round,
+                    epsilon=account.epsilon, state=account.state))}
+        return out
+
+    def check_train_reply(self, node_id: int, metrics: dict[str, float],
+                          content: Any) -> str | None:
+        """Refusal reason for a train reply whose accounting goes backwards, else None."""
+        client = self._client_of(node_id, metrics)
+        self._node_clients[int(node_id)] = client
+        try:
+            state = reply_state(content)
+        except PrivacyStateError as exc:
+            state, refused = None, f"unreadable accountant record: {exc}"
+        else:
+            refused = self.vet(client, _finite_or_none(metrics.get("epsilon")), state)
+        self._replies[int(node_id)] = _Reply(client, state, refused, dict(metrics))
+        return refused
+
     # -- recording ------------------------------------------------------------------------
+    def vet(self, client: str, epsilon: float | None,
+            state: PrivacyState | None) -> str | None:
+        """Why a reply's accounting cannot be accepted (None: it can).
+
+        The ledger is monotonic: a client's cumulative ε never goes down and its accountant
+        history only ever extends the one recorded before.
+        """
+        accountant = self.dp.get("accountant")
+        if state is not None and accountant and state.mechanism != accountant:
+            return (f"accountant record uses {state.mechanism!r}, the run dp.accountant="
+                    f"{accountant!r}")
+        if (state is not None and epsilon is not None and state.epsilons
+                and not _close(epsilon, state.epsilons[-1])):
+            return (f"reported epsilon {epsilon:.6g} is not the epsilon of its accountant "
+                    f"record ({state.epsilons[-1]:.6g})")
+        account = self.accounts.get(client)
+        if account is None:
+            return None
+        if (epsilon is not None and account.epsilon is not None
+                and epsilon < account.epsilon * (1 - EPSILON_RELATIVE_SLACK)):
+            return (f"cumulative epsilon went down: client {client} reported {epsilon:.6g}, "
+                    f"the ledger recorded {account.epsilon:.6g} after round "
+                    f"{account.server_round} (its DP state was lost or reset?)")
+        if state is not None and account.state is not None and not state.covers(account.state):
+            return (f"accountant history of client {client} ({state.steps} steps) does not "
+                    f"extend the one the ledger recorded after round {account.server_round} "
+                    f"({account.state.steps} steps)")
+        return None
+
     def record_reply(
         self,
         server_round: int,
         client: str | int,
         metrics: Mapping[str, Any],
         reason: str | None = None,
+        *,
+        node_id: int | None = None,
+        state: PrivacyState | None = None,
+        rejected: str | None = None,
     ) -> ClientEntry:
-        """Record one train reply's metrics (`epsilon`, `delta`, `declined`, ...)."""
+        """Record one train reply's metrics (`epsilon`, `delta`, `declined`, ...).
+
+        A reply that fails `vet` is recorded as refused: it does not count as spend.
+        """
         entry = ClientEntry(
             server_round=int(server_round),
-            client=str(client),
+            client=client_label(client),
             epsilon=_finite_or_none(metrics.get("epsilon")),
             delta=_finite_or_none(metrics.get("delta")),
             declined=bool(int(metrics.get("declined", 0) or 0)) or reason is not None,
             reason=reason,
             budget=_finite_or_none(metrics.get("epsilon-budget")),
+            node_id=node_id,
+            rejected=rejected,
         )
-        self.entries = [
-            e for e in self.entries
-            if not (e.server_round == entry.server_round and e.client == entry.client)
-        ]
-        self.entries.append(entry)
+        if entry.delta is None and state is not None:
+            entry.delta = state.delta
+        entry.refused = self.vet(entry.client, entry.epsilon, state)
+        self._replace_entry(entry)
+        if entry.refused is not None:
+            self._warn_refused(entry)
+        elif entry.epsilon is not None:
+            previous = self.accounts.get(entry.client)
+            self.accounts[entry.client] = ClientAccount(
+                client=entry.client,
+                server_round=entry.server_round,
+                node_id=node_id if node_id is not None else (previous and previous.node_id),
+                epsilon=entry.epsilon,
+                budget=entry.budget if entry.budget is not None else self.run_budget(),
+                state=state,
+            )
         return entry
 
     def record_message(self, server_round: int, client: str | int, content: Any) -> ClientEntry:
@@ -141,28 +360,91 @@ class PrivacyLedger:
         reason = None
         if "decline" in content.config_records:
             reason = str(content.config_records["decline"].get("reason", ""))
-        return self.record_reply(server_round, client, metrics, reason)
+        return self.record_reply(server_round, client, metrics, reason,
+                                 state=reply_state(content))
 
     def mark_stopped(self, reason: str) -> None:
         self.stopped = reason
         self.write()
 
+    def _record_refused(self, server_round: int, client: str, metrics: Mapping[str, Any],
+                        node_id: int, refused: str) -> None:
+        entry = ClientEntry(server_round=int(server_round), client=client,
+                            epsilon=_finite_or_none(metrics.get("epsilon")),
+                            delta=_finite_or_none(metrics.get("delta")),
+                            declined=bool(int(metrics.get("declined", 0) or 0)),
+                            node_id=node_id, refused=refused)
+        self._replace_entry(entry)
+
+    def _replace_entry(self, entry: ClientEntry) -> None:
+        self.entries = [
+            e for e in self.entries
+            if not (e.server_round == entry.server_round and e.client == entry.client)
+        ]
+        self.entries.append(entry)
+
+    @staticmethod
+    def _warn_refused(entry: ClientEntry) -> None:
+        from fedstack.log import logger
+
+        logger.warning("privacy ledger: round %s: refused the accounting of client %s: %s",
+                       entry.server_round, entry.client, entry.refused)
+
+    def _client_of(self, node_id: int, metrics: Mapping[str, Any]) -> str:
+        if CLIENT_KEY in metrics:
+            return client_label(metrics[CLIENT_KEY])
+        return self._node_clients.get(int(node_id), client_label(node_id))
+
+    def _unattributed(self) -> bool:
+        """Whether some recorded client has no node known in this process."""
+        return bool(set(self.accounts) - set(self._node_clients.values()))
+
+    def _identify(self, grid: Any, node_ids: list[int]) -> None:
+        """Ask nodes which client they are (one exchange, counted in the round's log)."""
+        messages = identity_queries(node_ids)
+        exchange = getattr(self._strategy, "exchange", None)
+        if exchange is not None:
+            replies = exchange(grid, messages, IDENTITY_ACTION)
+        else:
+            replies = grid.send_and_receive(messages, timeout=DEFAULT_IDENTITY_TIMEOUT)
+        found = identities(replies)
+        self._node_clients.update(found)
+        missing = sorted(set(node_ids) - set(found))
+        if missing:
+            from fedstack.log import logger
+
+            logger.warning("privacy ledger: nodes %s did not say which client they are; they "
+                           "are told only that the ledger holds unattributed records",
+                           missing)
+
     # -- queries --------------------------------------------------------------------------
+    def run_budget(self) -> float | None:
+        """The run's per-client ε budget: dp.max_epsilon, else dp.target_epsilon (local DP)."""
+        if self.dp_name != "local":
+            return None
+        for key in ("max_epsilon", "target_epsilon"):
+            value = _finite_or_none(self.dp.get(key))
+            if value is not None:
+                return value
+        return None
+
     def latest_epsilon(self, up_to_round: int | None = None) -> dict[str, float]:
-        """Each client's most recent reported ε (cumulative), up to a round."""
+        """Each client's most recent accepted ε (cumulative), up to a round."""
         latest: dict[str, tuple[int, float]] = {}
         for e in self.entries:
-            if e.epsilon is None or (up_to_round is not None and e.server_round > up_to_round):
+            if e.epsilon is None or not e.valid or (
+                    up_to_round is not None and e.server_round > up_to_round):
                 continue
             if e.client not in latest or e.server_round >= latest[e.client][0]:
                 latest[e.client] = (e.server_round, e.epsilon)
         return {c: v for c, (_, v) in sorted(latest.items(), key=lambda kv: client_sort_key(kv[0]))}
 
     def exhausted_clients(self) -> set[str]:
-        """Clients whose latest reply declined because the budget is spent."""
+        """Clients whose latest accepted reply declined because the budget is spent."""
         last: dict[str, ClientEntry] = {}
         for e in sorted(self.entries, key=lambda e: e.server_round):
-            last[e.client] = e
+            if e.valid:
+                last[e.client] = e
         return {c for c, e in last.items() if e.exhausted}
 
     def all_exhausted(self, num_clients: int | None = None) -> bool:
@@ -187,31 +469,43 @@ class PrivacyLedger:
             "epsilon_per_client": latest,
             "dp_exhausted": sorted((e.client for e in this_round if e.exhausted),
                                    key=client_sort_key),
+            "dp_refused": {e.client: e.refused for e in this_round if e.refused is not None},
         }
 
     def summary(self) -> dict[str, Any]:
         latest = self.latest_epsilon()
-        deltas = sorted({e.delta for e in self.entries if e.delta is not None})
-        budgets = sorted({e.budget for e in self.entries if e.budget is not None})
+        valid = [e for e in self.entries if e.valid]
+        deltas = sorted({e.delta for e in valid if e.delta is not None})
+        budgets = sorted({e.budget for e in valid if e.budget is not None})
+        if not budgets and self.run_budget() is not None:
+            budgets = [self.run_budget()]
         return {
             "epsilon_max": max(latest.values()) if latest else None,
             "epsilon_per_client": latest,
             "delta_max": deltas[-1] if deltas else None,
             "epsilon_budget": budgets[0] if len(budgets) == 1 else (budgets or None),
             "clients_exhausted": sorted(self.exhausted_clients(), key=client_sort_key),
+            "client_node_ids": {c: a.node_id for c, a in self.sorted_accounts()},
         }
+
+    def sorted_accounts(self) -> list[tuple[str, ClientAccount]]:
+        """(client, its latest accepted accounting), in client order."""
+        return sorted(self.accounts.items(), key=lambda kv: client_sort_key(kv[0]))
 
     # -- persistence ----------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
+        accountant = self.dp.get("accountant")
         return {
             "format": LEDGER_FORMAT,
             "dp": self.dp_name,
             "dp_settings": self.dp,
+            "epsilon_budget": self.run_budget(),
             "layers": self.layers,
             "visibility": self.visibility,
             "num_clients": self.num_clients,
             "rounds_closed": self.rounds_closed,
             "stopped": self.stopped,
+            "clients": {c: a.to_json(accountant) for c, a in self.sorted_accounts()},
             "entries": [asdict(e) for e in self.entries],
             "summary": self.summary(),
         }
@@ -239,6 +533,18 @@ class PrivacyLedger:
         # Rounds that were in flight when the server stopped are re-run: drop their entries.
         last = max(self.rounds_closed, default=0)
         self.entries = [e for e in self.entries if e.server_round <= last]
+        self.accounts = {}
+        for client, account in data.get("clients", {}).items():
+            if int(account["round"]) <= last:
+                self.accounts[client] = ClientAccount.from_json(client, account)
+        for e in sorted(self.entries, key=lambda e: e.server_round):
+            # A client whose account was of a dropped round keeps its last surviving ε.
+            kept = self.accounts.get(e.client)
+            if e.valid and e.epsilon is not None and (kept is None
+                                                      or kept.server_round < e.server_round):
+                self.accounts[e.client] = ClientAccount(
+                    e.client, e.server_round, e.node_id, e.epsilon,
+                    e.budget if e.budget is not None else self.run_budget(), None)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> PrivacyLedger:
@@ -246,10 +552,11 @@ class PrivacyLedger:
         run_dir = Path(run_dir)
         data = json.loads((run_dir / LEDGER_FILE).read_text())
         ledger = cls(run_dir, layers=list(data.get("layers", [])),
-                     visibility=str(data.get("visibility", "")), resume=True)
+                     visibility=str(data.get("visibility", "")))
         ledger.dp_name = str(data.get("dp", "local"))
         ledger.dp = dict(data.get("dp_settings", {}))
         ledger.num_clients = data.get("num_clients")
+        ledger._load()
         return ledger
 
 
@@ -284,10 +591,8 @@ def _dp_settings_of(cfg: Any) -> dict[str, Any]:
     return dict(OmegaConf.to_container(cfg.dp, resolve=True))  # type: ignore[arg-type]
 
 
-def _client_name(client: Any) -> str:
-    if isinstance(client, float) and client.is_integer():
-        return str(int(client))
-    return str(client)
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=ACCOUNTANT_EPSILON_TOLERANCE, abs_tol=0.0)
 
 
 def _finite_or_none(value: Any) -> float | None:

@@ -6,12 +6,16 @@ benchmarked alone; this module is the one place that knows where a node keeps it
 runs in a fresh process), but not across Flower runs: a run resumed after a server crash is a
 new Flower run with empty node state. So the accountant's history is also written to the
 data owner's own disk, keyed by the run's id (assigned by the server at creation and kept on
-resume), and the longer of the two histories wins: a restart can never reset a client's ε.
+resume), and the longer of the two histories wins. Last, the server's ledger sends the state
+it recorded for this client with every train message: a node whose own copies are missing or
+older continues from the ledger's (and logs it), so a restart can never reset a client's ε;
+every reply carries the state back for the ledger to check and record.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -20,8 +24,16 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from fedstack.log import get_logger
 from fedstack.privacy.accountant_state import PrivacyState
 from fedstack.privacy.budget import parse_node_budget
+from fedstack.privacy.ledger_sync import (
+    ACCOUNTANT_RECORD,
+    LEDGER_RECORD,
+    LedgerView,
+    parse_server_record,
+    reconcile,
+)
 from fedstack.privacy.settings import NODE_MAX_EPSILON_KEY, LocalDPSettings
 from fedstack.privacy.trainer import DPTrainer
 from fedstack.task.training import TrainOutcome
@@ -33,6 +45,8 @@ NODE_STATE_DIR_KEY = "dp-state-dir"
 #: Environment fallback for that directory (then ~/.fedstack/dp-state).
 STATE_DIR_ENV = "FEDSTACK_DP_STATE_DIR"
 DEFAULT_STATE_DIR = Path("~/.fedstack/dp-state")
+
+log = get_logger(__name__)
 
 
 def load_privacy_state(context: Any) -> PrivacyState | None:
@@ -85,9 +99,15 @@ def node_max_epsilon(context: Any) -> float | None:
 
 
 class ContextDPTrainer:
-    """A `LocalTrainer` that loads and saves its privacy state in a Flower context."""
+    """A `LocalTrainer` that loads and saves its privacy state in a Flower context.
 
-    def __init__(self, cfg: Any, context: Any, generator: torch.Generator | None = None) -> None:
+    Its state is the node's own (context or disk, the longer) reconciled with the server
+    ledger's record of this client (`ledger_sync.reconcile`): never below what the ledger
+    holds. Where neither can be trusted it declines the round instead of training.
+    """
+
+    def __init__(self, cfg: Any, context: Any, generator: torch.Generator | None = None, *,
+                 client: str | None = None, ledger: LedgerView | None = None) -> None:
         from fedstack.config import settings_of
 
         settings = settings_of(cfg.dp)
@@ -95,28 +115,60 @@ class ContextDPTrainer:
             raise TypeError(f"dp={cfg.dp.name!r} is not local DP")
         self.context = context
         self.state_path = state_file(cfg, context)
+        own = longer_history(load_privacy_state(context), load_disk_state(self.state_path))
+        resolved = reconcile(own, ledger, client if client is not None else "")
+        if resolved.note is not None:
+            log.warning("privacy state: %s", resolved.note)
+        if resolved.changed and resolved.state is not None:
+            save_privacy_state(context, resolved.state)
+            save_disk_state(self.state_path, resolved.state)
+        #: Why this round must be declined without training (None: it may train).
+        self.refusal = resolved.decline
+        #: Whether a decline of this round holds for the rest of the run.
+        self.decline_permanent = resolved.permanent if resolved.decline is not None else True
         self.trainer = DPTrainer(
             cfg.task,
             settings,
             planned_rounds=int(cfg.num_rounds),
-            state=longer_history(load_privacy_state(context), load_disk_state(self.state_path)),
+            state=resolved.state,
             node_max_epsilon=node_max_epsilon(context),
             generator=generator,
         )
 
     def train(self, model: nn.Module, data: TensorDataset, server_round: int) -> TrainOutcome:
+        if self.refusal is not None:
+            log.warning("round %s declined: %s", server_round, self.refusal)
+            return TrainOutcome(num_examples=0, train_loss=math.nan, metrics={},
+                                declined=self.refusal)
         outcome = self.trainer.train(model, data, server_round)
         if self.trainer.state is not None:
             save_privacy_state(self.context, self.trainer.state)
             save_disk_state(self.state_path, self.trainer.state)
         return outcome
 
+    def reply_records(self) -> dict[str, dict[str, Any]]:
+        """The accountant state for the reply (`dp-accountant`), for the ledger to check.
 
-def build_dp_trainer(cfg: Any, context: Any, partition_id: int, data: Any) -> ContextDPTrainer:
+        None when the round was refused: the state then is not one the client stands by.
+        """
+        state = self.trainer.state
+        if self.refusal is not None or state is None:
+            return {}
+        return {ACCOUNTANT_RECORD: state.to_record()}
+
+
+def build_dp_trainer(cfg: Any, context: Any, partition_id: int, data: Any,
+                     content: Any = None) -> ContextDPTrainer:
     """The ClientApp's hook for `dp=local` (fedstack.client_app.local_trainer).
 
-    `partition_id` and `data` are not needed to build the trainer: the sample rate comes
-    from the training set handed to `train`, and noise/sampling never derive from ids.
+    `content` is the train message's RecordDict (it may carry the ledger's `dp-ledger`
+    record); `partition_id` names this client to the ledger. `data` is not needed: the
+    sample rate comes from the training set handed to `train`, and noise/sampling never
+    derive from ids.
     """
-    del partition_id, data
-    return ContextDPTrainer(cfg, context)
+    del data
+    record = None
+    if content is not None and LEDGER_RECORD in content.config_records:
+        record = dict(content.config_records[LEDGER_RECORD])
+    return ContextDPTrainer(cfg, context, client=str(partition_id),
+                            ledger=parse_server_record(record))
