@@ -47,6 +47,7 @@ def test_selected_feature_columns_and_string_labels(tmp_path: Path) -> None:
                           "task.feature_columns=[a,b]", "partition=iid"])
     data = load_task_data(cfg.task, cfg.seed)
     assert data.input_shape == (2,) and set(np.unique(data.y_train)) == {0, 1}
+    assert data.label_mapping == {"healthy": 0, "sick": 1}
 
 
 def test_local_image_folder(tmp_path: Path) -> None:
@@ -64,13 +65,34 @@ def test_local_image_folder(tmp_path: Path) -> None:
     data = load_task_data(cfg.task, cfg.seed)
     assert data.input_shape == (1, 8, 8) and data.num_classes == 2
     assert data.x_train.min() >= 0.0 and data.x_train.max() <= 1.0
+    # imagefolder's class names (its directories) say what each index means
+    assert data.label_mapping == {"cats": 0, "dogs": 1}
 
 
 def test_missing_label_column_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "data.csv"
     _tabular_frame().rename(columns={"label": "y"}).to_csv(path, index=False)
     cfg = compose_config(["task=hf", "task.dataset=csv", f"task.data_files={path}"])
-    with pytest.raises(ValueError, match="label_column"):
+    with pytest.raises(ConfigError, match=r"task\.label_column='label'"):
+        load_task_data(cfg.task, cfg.seed)
+
+
+def test_empty_csv_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "data.csv"
+    path.touch()
+    cfg = compose_config(["task=hf", "task.dataset=csv", f"task.data_files={path}"])
+    with pytest.raises(ConfigError, match=r"task\.data_files=.* is empty"):
+        load_task_data(cfg.task, cfg.seed)
+
+
+def test_missing_labels_are_refused(tmp_path: Path) -> None:
+    frame = _tabular_frame()
+    frame["label"] = np.where(frame["label"] == 1, "sick", "healthy")
+    frame.loc[3, "label"] = None
+    path = tmp_path / "data.csv"
+    frame.to_csv(path, index=False)
+    cfg = compose_config(["task=hf", "task.dataset=csv", f"task.data_files={path}"])
+    with pytest.raises(ConfigError, match=r"task\.label_column: 1 rows have no label"):
         load_task_data(cfg.task, cfg.seed)
 
 

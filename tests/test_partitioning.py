@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from fedstack.config import compose_config
+from fedstack.config import ConfigError, compose_config
 from fedstack.task.client_data import load_client_data
 from fedstack.task.datasets import load_task_data
 from fedstack.task.partitioning import partition_indices
@@ -73,7 +73,8 @@ def test_shards_give_each_client_few_classes() -> None:
 
 def test_impossible_split_is_a_clear_error() -> None:
     s = settings(name="dirichlet", alpha=0.5, min_partition_size=500, self_balancing=False)
-    with pytest.raises(ValueError, match="cannot split"):
+    with pytest.raises(ConfigError, match=r"partition\.min_partition_size=500.*cannot split "
+                       r"1000 samples into num_clients=5"):
         partition_indices(LABELS, 5, s, seed=0)
 
 

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from fedstack.config import ConfigError
+
 #: Environment variable giving the base of a relative `output_dir` (set by the README's
 #: commands, because the local SuperLink runs the ServerApp in its own working directory).
 OUTPUT_BASE_ENV = "FEDSTACK_OUTPUT_BASE"
@@ -20,6 +22,8 @@ HISTORY_FILE = "history.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINT_DIR = "checkpoints"
 LATEST_CHECKPOINT = "latest.json"
+#: What a run name may contain (it becomes a directory name).
+RUN_NAME_PATTERN = r"[A-Za-z0-9._=,+-]+"
 
 
 def output_base(output_dir: str) -> Path:
@@ -38,8 +42,8 @@ def new_run_dir(cfg: Any) -> Path:
     """A fresh directory `<output_dir>/<run_name>` (suffixed if the name is taken)."""
     base = output_base(cfg.output_dir)
     name = cfg.run_name or default_run_name(cfg)
-    if not re.fullmatch(r"[A-Za-z0-9._=,+-]+", name):
-        raise ValueError(f"run_name={name!r}: use letters, digits and . _ = , + - only")
+    if not re.fullmatch(RUN_NAME_PATTERN, name):
+        raise ConfigError(f"run_name={name!r}: use letters, digits and . _ = , + - only")
     base.mkdir(parents=True, exist_ok=True)
     candidate, suffix = base / name, 1
     while True:

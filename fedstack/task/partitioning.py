@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
+
+from fedstack.config import ConfigError
+
+#: Start of the warning flwr-datasets' DirichletPartitioner gives before each redraw.
+DIRICHLET_REDRAW_WARNING = "The specified min_partition_size"
 
 
 def build_partitioner(settings: Any, num_partitions: int, seed: int) -> Any:
@@ -41,18 +47,46 @@ def partition_indices(labels: np.ndarray, num_partitions: int, settings: Any,
 
     if num_partitions < 1:
         raise ValueError("num_partitions must be >= 1")
+    if num_partitions > len(labels):
+        raise ConfigError(f"num_clients={num_partitions} is more than the {len(labels)} "
+                          f"training samples to partition: use num_clients <= {len(labels)}")
     # IidPartitioner cuts contiguous shards: shuffle first so each shard is a random sample.
     order = np.random.default_rng(seed).permutation(len(labels))
     table = Dataset.from_dict({"label": labels[order].tolist(), "index": order.tolist()})
     partitioner = build_partitioner(settings, num_partitions, seed)
     partitioner.dataset = table
     try:
-        parts = [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)
-                 for i in range(num_partitions)]
+        with warnings.catch_warnings():
+            # flwr-datasets warns at every Dirichlet redraw; a split that never succeeds
+            # becomes the ConfigError below, so the redraws themselves are noise.
+            warnings.filterwarnings("ignore", message=DIRICHLET_REDRAW_WARNING)
+            parts = [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64)
+                     for i in range(num_partitions)]
     except ValueError as exc:
-        raise ValueError(f"partition={settings.name} cannot split {len(labels)} samples into "
-                         f"{num_partitions} clients: {exc}") from exc
+        keys = partition_keys(settings)
+        raise ConfigError(f"partition={settings.name}{f' ({keys})' if keys else ''} cannot split "
+                          f"{len(labels)} samples into num_clients={num_partitions} partitions: "
+                          f"{exc}{_remedy(settings)}") from exc
     return parts
+
+
+def partition_keys(settings: Any) -> str:
+    """The partition group's settings as `partition.key=value`, for error messages."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(settings) if OmegaConf.is_config(settings) else settings
+    return ", ".join(f"partition.{k}={v}" for k, v in dict(values).items() if k != "name")
+
+
+def _remedy(settings: Any) -> str:
+    if settings.name == "dirichlet":
+        # flwr-datasets redraws up to 10 times until every client gets min_partition_size.
+        return (f" (no Dirichlet draw gave every client >= partition.min_partition_size="
+                f"{settings.min_partition_size} samples: raise partition.alpha, or lower "
+                "partition.min_partition_size or num_clients)")
+    if settings.name == "shards":
+        return " (lower partition.shards_per_client or num_clients)"
+    return " (lower num_clients)"
 
 
 def client_partition(labels: np.ndarray, partition_id: int, num_partitions: int, settings: Any,
