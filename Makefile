@@ -19,6 +19,8 @@ export PATH := $(BIN):$(PATH)
 # Options of the default `make run` (override: make run RUN_CONFIG="task='breast_cancer'").
 RUN_CONFIG ?= task='digits' aggregation='fedavg' dp='none'
 FEDERATION_CONFIG ?= num-supernodes=5 client-resources-num-cpus=1
+# Where `make run` looks for the run's summary.json (the run's output_dir).
+RUN_OUTPUTS ?= $(FEDSTACK_OUTPUT_BASE)/outputs
 
 .PHONY: run test lint install stop-superlink clean
 
@@ -34,11 +36,17 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 install: $(VENV)/.installed-test
 
+# `flwr run --stream` exits 0 even when the ServerApp failed: the run's own outcome
+# (summary.json's status, written after the marker) decides make's exit code.
 run: $(VENV)/.installed
-	@status=0; flwr run . --stream --run-config "$(RUN_CONFIG)" \
+	@mkdir -p $(FLWR_HOME); marker=$$(mktemp $(FLWR_HOME)/run-started.XXXXXX); status=0; \
+	flwr run . --stream --run-config "$(RUN_CONFIG)" \
 		--federation-config "$(FEDERATION_CONFIG)" || status=$$?; \
 	$(MAKE) --no-print-directory stop-superlink; \
-	echo "outputs: $(FEDSTACK_OUTPUT_BASE)/outputs"; exit $$status
+	if [ $$status -eq 0 ]; then \
+		fedstack outcome $(RUN_OUTPUTS) --newer-than $$marker || status=$$?; \
+	fi; \
+	rm -f $$marker; exit $$status
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .

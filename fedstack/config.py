@@ -19,8 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from fedstack.log import LOG_LEVELS
 
 #: Key of the resolved configuration (YAML) in a message's ConfigRecord.
 CONFIG_MESSAGE_KEY = "fedstack.config"
@@ -30,6 +33,11 @@ CONFIG_STATE_KEY = "fedstack.config"
 GROUP_RUN_CONFIG_KEYS = ("task", "aggregation", "dp", "partition")
 #: Run-config key holding free Hydra overrides.
 OVERRIDES_RUN_CONFIG_KEY = "overrides"
+
+
+#: Keys a resumed run may change: they extend or tune how it goes on, not what it is.
+RESUME_MUTABLE_KEYS = ("resume", "num_rounds", "round_timeout", "max_failed_rounds",
+                       "log_level", "log_table")
 
 
 class ConfigError(ValueError):
@@ -67,6 +75,8 @@ class RootSettings:
     round_timeout: float = 300.0
     central_evaluation: bool = True
     log_table: bool = True
+    log_level: str = "info"
+    max_failed_rounds: int = 0
     task: Any = None
     aggregation: Any = None
     dp: Any = None
@@ -278,6 +288,10 @@ def _cross_checks(cfg: DictConfig) -> None:
            cfg.min_valid_replies, f"must be between 1 and num_clients={cfg.num_clients}")
     _check(cfg.max_num_examples >= 1, "max_num_examples", cfg.max_num_examples, "must be >= 1")
     _check(cfg.round_timeout > 0, "round_timeout", cfg.round_timeout, "must be > 0")
+    _check(cfg.max_failed_rounds >= 0, "max_failed_rounds", cfg.max_failed_rounds,
+           "must be >= 0")
+    _check(str(cfg.log_level).lower() in LOG_LEVELS, "log_level", cfg.log_level,
+           f"must be one of {', '.join(LOG_LEVELS)}")
     _check(bool(cfg.output_dir), "output_dir", cfg.output_dir, "must not be empty")
     if cfg.run_id is not None:
         _check(re.fullmatch(r"[0-9a-f]{32}", str(cfg.run_id)) is not None, "run_id", cfg.run_id,
@@ -291,12 +305,19 @@ def _cross_checks(cfg: DictConfig) -> None:
 
 
 def compose_config(overrides: Iterable[str] = ()) -> DictConfig:
-    """Compose `conf/config.yaml` with Hydra overrides and validate the result."""
+    """Compose `conf/config.yaml` with Hydra overrides and validate the result.
+
+    With `resume=RUN_DIR` among the overrides, the result is the saved config of that run
+    with the few overrides a resumed run may change (`compose_resumed`).
+    """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
 
     overrides = list(overrides)
+    resume = dict(_override_pairs(overrides)).get("resume")
+    if resume not in (None, "", "null"):
+        return compose_resumed(overrides)
     if GlobalHydra.instance().is_initialized():
         GlobalHydra.instance().clear()
     try:
@@ -308,6 +329,69 @@ def compose_config(overrides: Iterable[str] = ()) -> DictConfig:
     except OmegaConfBaseException as exc:
         raise ConfigError(f"bad override in {overrides}: {str(exc).splitlines()[0]}") from None
     return validate_config(cfg)
+
+
+def _override_pairs(overrides: Iterable[str]) -> list[tuple[str, str]]:
+    """(key, value) of Hydra overrides (`key=v`, `+key=v`, `++key=v`; `~key` has no value)."""
+    pairs = []
+    for item in overrides:
+        key, _, value = str(item).partition("=")
+        pairs.append((key.lstrip("+~").split("@")[0].strip(), value.strip()))
+    return pairs
+
+
+def _same_value(saved: Any, given: str) -> bool:
+    """Whether an override's text denotes the saved value (YAML parsing, as Hydra does)."""
+    try:
+        parsed = yaml.safe_load(given) if given != "" else ""
+    except yaml.YAMLError:
+        parsed = given
+    if isinstance(saved, float) and isinstance(parsed, int | float):
+        return float(parsed) == saved
+    return parsed == saved or str(parsed) == str(saved)
+
+
+def compose_resumed(overrides: Iterable[str]) -> DictConfig:
+    """The config of a resumed run: the run's saved config, plus the allowed overrides.
+
+    `num_rounds` (to extend a finished run), timeouts and logging may change; any other
+    override that differs from what the run was started with (task, aggregation, dp, seed,
+    ...) would change the run's meaning and is refused with the list of keys. An override
+    equal to the saved value is accepted (so `--run-config` defaults do not get in the way).
+    """
+    from fedstack.outputs.run_directory import CONFIG_FILE, output_base
+
+    pairs = _override_pairs(overrides)
+    resume = dict(pairs)["resume"]
+    run_dir = output_base(resume)
+    saved_path = run_dir / CONFIG_FILE
+    if not saved_path.is_file():
+        raise ConfigError(f"resume={resume!r}: no {CONFIG_FILE} in {run_dir} (not a run dir)")
+    try:
+        saved = config_from_yaml(saved_path.read_text())
+    except ConfigError as exc:
+        raise ConfigError(f"resume={resume!r}: the saved {CONFIG_FILE} is not valid for this "
+                          f"version: {exc}") from None
+    refused = []
+    changes: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in RESUME_MUTABLE_KEYS:
+            changes[key] = value
+            continue
+        current = saved.get(key) if key in GROUP_SCHEMAS else OmegaConf.select(saved, key)
+        if key in GROUP_SCHEMAS and current is not None:
+            current = current.name
+        if not _same_value(current, value):
+            refused.append(f"{key}={value} (the run has {current!r})")
+    if refused:
+        raise ConfigError(
+            f"resume={resume!r} continues a run as it was configured; only "
+            f"{', '.join(k for k in RESUME_MUTABLE_KEYS if k != 'resume')} may change. "
+            f"Refused: {'; '.join(refused)}")
+    data = OmegaConf.to_container(saved, resolve=True)
+    for key, value in changes.items():
+        data[key] = str(run_dir) if key == "resume" else yaml.safe_load(value)  # type: ignore[index]
+    return validate_config(OmegaConf.create(data))
 
 
 def overrides_from_run_config(run_config: Mapping[str, Any]) -> list[str]:

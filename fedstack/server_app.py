@@ -7,6 +7,8 @@ in-process, where Flower gives the ServerApp no run config).
 
 from __future__ import annotations
 
+import shutil
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -19,12 +21,11 @@ from fedstack.config import (
     CONFIG_MESSAGE_KEY,
     ConfigError,
     compose_config,
-    config_from_yaml,
     config_to_yaml,
     overrides_from_run_config,
     with_values,
 )
-from fedstack.log import logger
+from fedstack.log import configure_console, logger
 from fedstack.outputs.recorder import RoundListener, RunRecorder
 from fedstack.outputs.run_directory import (
     CONFIG_FILE,
@@ -32,7 +33,9 @@ from fedstack.outputs.run_directory import (
     load_checkpoint,
     new_run_dir,
 )
+from fedstack.preflight import check_run
 from fedstack.strategies import build_strategy, load_object
+from fedstack.strategies.runtime import is_deployment
 from fedstack.task.datasets import load_task_data
 from fedstack.task.models import build_model
 from fedstack.task.training import evaluate_model
@@ -41,21 +44,72 @@ from fedstack.task.training import evaluate_model
 PRIVACY_LEDGER = "fedstack.privacy.ledger:PrivacyLedger"
 
 
+#: Seconds a simulated run waits for its first virtual SuperNode to register (they register
+#: right after the ServerApp starts, before the runtime boots), and for their number to settle.
+SIMULATION_NODE_WAIT_SECONDS = 15.0
+SIMULATION_NODE_SETTLE_SECONDS = 1.0
+#: Seconds between checks while waiting for SuperNodes.
+NODE_WAIT_POLL_SECONDS = 0.25
+
+
+def wait_for_clients(grid: Grid, cfg: DictConfig) -> int:
+    """Wait until `num_clients` SuperNodes are connected; refuse a run that cannot have them.
+
+    Simulation: the virtual SuperNodes must number exactly `num_clients` (each trains one of
+    `num_clients` partitions); they all register at once, so a count that stays put for a
+    second is final. Deployment: at least `num_clients` must connect within `round_timeout`.
+    """
+    simulated = not is_deployment(grid)
+    wanted = int(cfg.num_clients)
+    started = time.monotonic()
+    deadline = started + (SIMULATION_NODE_WAIT_SECONDS if simulated
+                          else float(cfg.round_timeout))
+    count, changed = -1, started
+    while True:
+        now = time.monotonic()
+        current = len(list(grid.get_node_ids()))
+        if current != count:
+            count, changed = current, now
+            if not simulated and count < wanted:
+                logger.info("waiting for %s SuperNodes to connect (%s so far, up to %ss)",
+                            wanted, count, cfg.round_timeout)
+        if count >= wanted or now >= deadline:
+            break
+        if simulated and count > 0 and now - changed >= SIMULATION_NODE_SETTLE_SECONDS:
+            break
+        time.sleep(NODE_WAIT_POLL_SECONDS)
+    if simulated and count != wanted:
+        raise ConfigError(
+            f"num_clients={wanted} but the simulation has {count} SuperNodes: run "
+            f"`flwr run . --federation-config \"num-supernodes={wanted}\"` or set "
+            f"num_clients={count}")
+    if count < wanted:
+        raise ConfigError(f"num_clients={wanted} but only {count} SuperNodes connected within "
+                          f"round_timeout={cfg.round_timeout}s")
+    return count
+
+
 def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path, int, ArrayRecord | None]:
-    """(config, run dir, first round, initial arrays or None) for a new or resumed run."""
+    """(config, run dir, first round, initial arrays or None) for a new or resumed run.
+
+    A resumed run's config was composed from its saved one (`config.compose_resumed`); the
+    saved copy is updated with what may change (e.g. a larger `num_rounds`).
+    """
     if cfg.resume:
-        run_dir = Path(str(cfg.resume)).expanduser().resolve()
-        saved = run_dir / CONFIG_FILE
-        if not saved.exists():
-            raise ConfigError(f"resume={cfg.resume!r}: no {CONFIG_FILE} there (not a run dir)")
-        resumed = config_from_yaml(saved.read_text())
+        run_dir = Path(str(cfg.resume))
         latest = latest_checkpoint(run_dir)
+        done = latest[0] if latest is not None else 0
+        if int(cfg.num_rounds) < done:
+            raise ConfigError(f"num_rounds={cfg.num_rounds} is below the {done} rounds "
+                              f"{run_dir} already ran (resume=)")
+        (run_dir / CONFIG_FILE).write_text(config_to_yaml(with_values(cfg, resume=None)))
         if latest is None:
             logger.warning("resume: %s has no checkpoint; starting from round 1", run_dir)
-            return resumed, run_dir, 1, None
+            return cfg, run_dir, 1, None
         last_round, path = latest
-        logger.info("resume: continuing %s after round %s (%s)", run_dir, last_round, path.name)
-        return resumed, run_dir, last_round + 1, load_checkpoint(path)
+        logger.info("resume: continuing %s after round %s (%s) up to round %s", run_dir,
+                    last_round, path.name, cfg.num_rounds)
+        return cfg, run_dir, last_round + 1, load_checkpoint(path)
     if cfg.run_id is None:
         cfg = with_values(cfg, run_id=uuid.uuid4().hex)
     run_dir = new_run_dir(cfg)
@@ -83,42 +137,69 @@ def build_listeners(cfg: DictConfig, run_dir: Path, strategy: Any,
 
 
 def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
-    """Run every round of a configured run; returns its summary."""
+    """Run every round of a configured run; returns its summary (`status` says how it ended).
+
+    Everything checkable is checked before anything is created: the config, the data and
+    its partitions, files and keys, the output directory and the connected SuperNodes. A
+    new run that fails while setting up leaves no run directory behind; once rounds have
+    started, a failure is written to `summary.json` (status `failed`) and re-raised.
+    """
+    configure_console(cfg.log_level)
+    preflight = check_run(cfg, deployment=is_deployment(grid))
+    wait_for_clients(grid, cfg)
     cfg, run_dir, first_round, arrays = prepare_run(cfg)
+    logger.info("%s", preflight.summary())
+    resuming = first_round > 1 or bool(cfg.resume)
     logger.info("fedstack run: task=%s aggregation=%s dp=%s partition=%s clients=%s "
                 "rounds=%s -> %s", cfg.task.name, cfg.aggregation.name, cfg.dp.name,
                 cfg.partition.name, cfg.num_clients, cfg.num_rounds, run_dir)
-    data = load_task_data(cfg.task, cfg.seed)
-    if arrays is None:
-        model = build_model(cfg.task.model, data.input_shape, data.num_classes, cfg.seed)
-        arrays = ArrayRecord(model.state_dict())
-    strategy = build_strategy(cfg, run_dir)
-    recorder = RunRecorder(
-        run_dir, cfg,
-        title=f"{cfg.task.name} / {cfg.aggregation.name} / dp={cfg.dp.name}",
-        listeners=build_listeners(cfg, run_dir, strategy, resuming=first_round > 1),
-        resume_from_round=first_round - 1 if first_round > 1 else None,
-    )
-    evaluate_fn = central_evaluator(cfg) if cfg.central_evaluation else None
+    try:
+        preflight.write(run_dir)
+        data = load_task_data(cfg.task, cfg.seed)
+        if arrays is None:
+            model = build_model(cfg.task.model, data.input_shape, data.num_classes, cfg.seed)
+            arrays = ArrayRecord(model.state_dict())
+        strategy = build_strategy(cfg, run_dir)
+        recorder = RunRecorder(
+            run_dir, cfg,
+            title=f"{cfg.task.name} / {cfg.aggregation.name} / dp={cfg.dp.name}",
+            listeners=build_listeners(cfg, run_dir, strategy, resuming=first_round > 1),
+            resume_from_round=first_round - 1 if first_round > 1 else None,
+        )
+        evaluate_fn = central_evaluator(cfg) if cfg.central_evaluation else None
+    except BaseException:
+        if not resuming:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     if evaluate_fn is not None and not strategy.server_sees_model:
         logger.info("central evaluation is off: under aggregation=%s the server cannot read "
                     "the model", cfg.aggregation.name)
     config_text = config_to_yaml(cfg)
-    if first_round <= cfg.num_rounds:
-        strategy.start(
-            grid,
-            arrays,
-            num_rounds=int(cfg.num_rounds),
-            timeout=float(cfg.round_timeout),
-            train_config=ConfigRecord({CONFIG_MESSAGE_KEY: config_text}),
-            evaluate_config=ConfigRecord({CONFIG_MESSAGE_KEY: config_text}),
-            evaluate_fn=evaluate_fn,
-            first_round=first_round,
-            recorder=recorder,
-        )
-    else:
-        logger.info("resume: all %s rounds were already done", cfg.num_rounds)
-    return recorder.finish(strategy.stop_reason)
+    failed_before = len(recorder.failed_rounds())
+    try:
+        if first_round <= cfg.num_rounds:
+            logger.info("round %s: sending to %s clients%s", first_round, cfg.num_clients,
+                        " (the first exchange also waits for the runtime to start them)"
+                        if not is_deployment(grid) else "")
+            strategy.start(
+                grid,
+                arrays,
+                num_rounds=int(cfg.num_rounds),
+                timeout=float(cfg.round_timeout),
+                train_config=ConfigRecord({CONFIG_MESSAGE_KEY: config_text}),
+                evaluate_config=ConfigRecord({CONFIG_MESSAGE_KEY: config_text}),
+                evaluate_fn=evaluate_fn,
+                first_round=first_round,
+                recorder=recorder,
+                max_failed_rounds=int(cfg.max_failed_rounds),
+                failed_before=failed_before,
+            )
+        else:
+            logger.info("resume: all %s rounds were already done", cfg.num_rounds)
+    except BaseException as exc:
+        recorder.finish(strategy.stop_reason, failure=f"{type(exc).__name__}: {exc}")
+        raise
+    return recorder.finish(strategy.stop_reason, failure=strategy.failure)
 
 
 app = ServerApp()

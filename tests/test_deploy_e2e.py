@@ -147,7 +147,7 @@ def test_secagg_round_completes_after_a_supernode_is_killed(
             deployment.start_supernode(2)
     assert fired.is_set(), _explain(result)
     summary = _assert_learned(result)
-    assert summary["aggregation"] == "secagg" and not summary["rounds_aborted"]
+    assert summary["aggregation"] == "secagg" and not summary["rounds_failed"]
     round1, round2 = (r for r in result.history if r["round"] >= 1)
     assert len(round1["aggregated"]) == 3
     assert victim.node_id not in round2["aggregated"] and len(round2["aggregated"]) == 2
@@ -241,7 +241,7 @@ def test_malformed_updates_are_rejected_and_the_run_continues(
     assert set(rejected) == {nan_node, shape_node}, row
     assert "nan" in rejected[nan_node].lower() or "finite" in rejected[nan_node].lower()
     assert "shape" in rejected[shape_node].lower()
-    assert summary["rounds_aborted"] == []
+    assert summary["rounds_failed"] == []
 
 
 def test_unregistered_or_plaintext_supernodes_cannot_join(

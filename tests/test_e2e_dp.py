@@ -72,7 +72,8 @@ def test_dp_stacks_and_exhausted_clients_stop_the_run(tmp_path: Path, aggregatio
     assert budget > max(_one_shot(probe, p, 1.2, 2) for p in range(3))
     cfg = compose_config([*base, f"dp.max_epsilon={budget}"])
     summary = run_in_simulation(cfg)
-    assert summary["rounds_completed"] == 3, summary
+    assert summary["rounds_completed"] == 2 and summary["rounds_failed"] == [3], summary
+    assert summary["status"] == "stopped"
     assert "declined permanently" in (summary["stop_reason"] or "")
     assert sorted(summary["clients_exhausted"]) == ["0", "1", "2"]
     for pid in range(3):

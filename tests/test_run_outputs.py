@@ -17,13 +17,9 @@ from fedstack.client_app import app as client_app
 from fedstack.config import compose_config
 from fedstack.outputs.run_directory import latest_checkpoint, load_checkpoint
 from fedstack.server_app import run_server
-from tests.inprocess_grid import InProcessGrid
+from tests.inprocess_grid import InProcessGrid, PowerCut, die_in_round
 
 BASE = ["task=breast_cancer", "partition=iid", "num_clients=3", "min_train_nodes=2"]
-
-
-class ServerDied(RuntimeError):
-    pass
 
 
 def _run_dir(tmp_path: Path) -> Path:
@@ -74,23 +70,20 @@ def test_resume_after_the_server_dies_mid_round(tmp_path: Path) -> None:
     cfg = compose_config([*BASE, "num_rounds=4", f"output_dir={tmp_path}", "run_name=crash"])
     grid = InProcessGrid(client_app, 3)
 
-    def die_in_round_3(node, request, reply):
-        if int(request.content["config"]["server-round"]) == 3:
-            raise ServerDied("power cut")
-        return reply
-
-    grid.reply_hook = die_in_round_3
-    with pytest.raises(ServerDied):
+    grid.reply_hook = die_in_round(3)
+    with pytest.raises(PowerCut):
         run_server(grid, cfg)
     run_dir = tmp_path / "crash"
     assert latest_checkpoint(run_dir)[0] == 2
-    assert not (run_dir / "summary.json").exists()
+    crashed = json.loads((run_dir / "summary.json").read_text())
+    assert crashed["status"] == "failed" and "power cut" in crashed["reason"]
 
     resumed = compose_config([f"resume={run_dir}"])
     summary = run_server(InProcessGrid(client_app, 3), resumed)
     rows = [json.loads(line) for line in (run_dir / "history.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     assert summary["rounds_completed"] == 4 and summary["run_dir"] == str(run_dir)
+    assert summary["status"] == "completed"
     assert latest_checkpoint(run_dir)[0] == 4
 
     # Resuming a finished run does nothing but re-write the summary.
@@ -115,4 +108,5 @@ def test_round_with_too_few_clients_keeps_the_model(tmp_path: Path) -> None:
             .splitlines()]
     assert rows[1]["aborted"] and "min_valid_replies=3" in rows[1]["aborted"]
     assert rows[1]["central_accuracy"] == rows[0]["central_accuracy"]
-    assert summary["rounds_aborted"] == [1]
+    assert summary["rounds_failed"] == [1] and summary["rounds_completed"] == 0
+    assert summary["status"] == "failed" and "max_failed_rounds=0" in summary["reason"]

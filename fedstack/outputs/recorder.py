@@ -19,7 +19,9 @@ from flwr.app import ArrayRecord
 
 from fedstack.log import logger
 from fedstack.outputs import round_table
+from fedstack.outputs.outcome import run_outcome
 from fedstack.outputs.plots import plot_history
+from fedstack.outputs.round_table import format_number
 from fedstack.outputs.run_directory import HISTORY_FILE, SUMMARY_FILE, save_checkpoint
 from fedstack.strategies.round_log import RoundLog
 
@@ -64,6 +66,7 @@ def history_row(round_log: RoundLog) -> dict[str, Any]:
         "declined": {str(k): v for k, v in rl.declined.items()},
         "rejected": {str(k): v for k, v in rl.rejected.items()},
         "aborted": rl.aborted,
+        "rolled_back": list(rl.rolled_back),
         "epsilon": epsilon,
         "epsilon_max": max(finite_eps) if finite_eps else None,
         "extra": rl.extra,
@@ -144,14 +147,44 @@ class RunRecorder:
                            round_log.aborted)
         plot_history(self.history, self.run_dir, self.title)
 
-    def finish(self, stop_reason: str | None = None) -> dict[str, Any]:
-        """Write summary.json (and let listeners write their reports); returns the summary."""
+    def rolled_back_rounds(self) -> list[int]:
+        """Rounds discarded after their cause was found and excluded (see RoundLog)."""
+        return sorted({int(n) for r in self.history if r["round"] > 0
+                       for n in r.get("rolled_back") or []})
+
+    def failed_rounds(self) -> list[int]:
+        """Rounds recorded so far that produced no new global model and were not recovered
+        by design (rolled back with the cause excluded)."""
+        rolled_back = set(self.rolled_back_rounds())
+        return [r["round"] for r in self.history
+                if r["round"] > 0 and r.get("aborted") and r["round"] not in rolled_back]
+
+    def finish(self, stop_reason: str | None = None,
+               failure: str | None = None) -> dict[str, Any]:
+        """Write summary.json (and let listeners write their reports); returns the summary.
+
+        The summary's `status` is the run's one outcome (`fedstack.outputs.outcome`): only
+        rounds that produced a new global model, and were not rolled back later, count as
+        completed; the final metrics come from the last such round.
+        """
         rounds = [r for r in self.history if r["round"] > 0]
-        last = rounds[-1] if rounds else {}
+        rolled_back = self.rolled_back_rounds()
+        failed = self.failed_rounds()
+        good = [r for r in rounds if not r.get("aborted") and r["round"] not in rolled_back]
+        outcome = run_outcome(completed=len(good), num_rounds=int(self.cfg.num_rounds),
+                              stop_reason=stop_reason, failure=failure)
+        last = good[-1] if good else next((r for r in self.history if r["round"] == 0), {})
         central = last.get("central_accuracy")
         summary: dict[str, Any] = {
-            "rounds_completed": len(rounds),
+            "status": outcome.status,
+            "reason": outcome.reason,
+            "rounds_completed": len(good),
             "num_rounds": int(self.cfg.num_rounds),
+            "rounds_failed": failed,
+            "rounds_rolled_back": rolled_back,
+            "failure_reasons": {str(r["round"]): r["aborted"] for r in rounds
+                                if r.get("aborted")},  # failed and rolled-back rounds
+            "final_round": last.get("round"),
             "final_accuracy": central if central is not None else last.get("eval_accuracy"),
             "final_loss": (last.get("central_loss") if central is not None
                            else last.get("eval_loss")),
@@ -164,7 +197,6 @@ class RunRecorder:
             "num_clients": int(self.cfg.num_clients),
             "seed": int(self.cfg.seed),
             "stop_reason": stop_reason,
-            "rounds_aborted": [r["round"] for r in rounds if r.get("aborted")],
             "total_bytes_down": sum(r.get("bytes_down", 0) for r in rounds),
             "total_bytes_up": sum(r.get("bytes_up", 0) for r in rounds),
             "seconds_this_process": round(time.time() - self.started, 2),
@@ -176,7 +208,10 @@ class RunRecorder:
         tmp = self.run_dir / (SUMMARY_FILE + ".tmp")
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, self.run_dir / SUMMARY_FILE)
-        logger.info("run finished: %s rounds, final accuracy %s (%s); outputs in %s",
-                    summary["rounds_completed"], summary["final_accuracy"],
-                    summary["final_accuracy_source"], self.run_dir)
+        report = logger.info if outcome.succeeded else logger.error
+        report("run %s%s: %s of %s rounds produced a model, final accuracy %s (%s); "
+               "outputs in %s", outcome.status,
+               f" ({outcome.reason})" if outcome.reason else "", summary["rounds_completed"],
+               summary["num_rounds"], format_number(summary["final_accuracy"]),
+               summary["final_accuracy_source"], self.run_dir)
         return summary

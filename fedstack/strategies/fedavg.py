@@ -65,6 +65,15 @@ class RoundRecorder(Protocol):
     def on_round_end(self, round_log: RoundLog, arrays: ArrayRecord) -> None: ...
 
 
+class TrainHook(Protocol):
+    """Per-node records in train messages and a veto on train replies (the privacy ledger)."""
+
+    def train_records(self, grid: Grid, node_ids: list[int]) -> dict[int, dict[str, dict]]: ...
+
+    def check_train_reply(self, node_id: int, metrics: dict[str, float],
+                          content: RecordDict) -> str | None: ...
+
+
 @dataclass
 class ValidReply:
     node_id: int
@@ -181,10 +190,14 @@ class WeightedFedAvg(Strategy):
         self.round_log = RoundLog(server_round=0)
         #: Nodes that declined permanently (e.g. privacy budget spent): never sampled again.
         self.exhausted_nodes: set[int] = set()
-        #: Set when the run must end early; `start` stops after the current round.
+        #: Set when the run must end early by design; `start` stops after the current round.
         self.stop_reason: str | None = None
+        #: Set when the run must end because it failed (too many failed rounds).
+        self.failure: str | None = None
         self._spec: ModelLayout | None = None
         self._grid: Grid | None = None
+        #: Hooks on every train exchange (the privacy ledger registers itself).
+        self.train_hooks: list[TrainHook] = []
         #: message id -> destination node of what we sent (to attribute error replies).
         self._reply_dst: dict[str, int] = {}
 
@@ -269,6 +282,16 @@ class WeightedFedAvg(Strategy):
         return [Message(RecordDict({"arrays": arrays, "config": content_config}),
                         dst_node_id=node, message_type=MessageType.TRAIN) for node in nodes]
 
+    def with_hook_records(self, grid: Grid, messages: Iterable[Message]) -> list[Message]:
+        """Train messages with each train hook's records for their node added."""
+        out = list(messages)
+        for hook in self.train_hooks:
+            records = hook.train_records(grid, [m.metadata.dst_node_id for m in out])
+            for msg in out:
+                for name, record in records.get(msg.metadata.dst_node_id, {}).items():
+                    msg.content.config_records[name] = ConfigRecord(record)
+        return out
+
     def check_everyone_exhausted(self) -> None:
         """End the run once every connected node has declined permanently."""
         if self._grid is None or not self.exhausted_nodes:
@@ -305,6 +328,10 @@ class WeightedFedAvg(Strategy):
                 declined = decline_reason(msg)
                 metrics = metrics_of(msg)
                 self._note_partition(node, metrics)
+                for hook in self.train_hooks:
+                    refused = hook.check_train_reply(node, metrics, msg.content)
+                    if refused is not None:
+                        raise InvalidReply(refused)
                 if declined is not None:
                     reason, permanent = declined
                     self.round_log.declined[node] = reason
@@ -424,6 +451,14 @@ class WeightedFedAvg(Strategy):
         self.round_log.evaluate_metrics = result
         return MetricRecord(result)
 
+    def settle_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> ArrayRecord:
+        """The model the round ends with, once its evaluation is in.
+
+        A protocol whose aggregate only clients can check (HE) rolls back here; it then sets
+        `round_log.aborted` and returns the previous model.
+        """
+        return arrays
+
     # ------------------------------------------------------------------ round loop
 
     def start(
@@ -438,8 +473,15 @@ class WeightedFedAvg(Strategy):
         *,
         first_round: int = 1,
         recorder: RoundRecorder | None = None,
+        max_failed_rounds: int | None = None,
+        failed_before: int = 0,
     ) -> Result:
-        """Run rounds `first_round..num_rounds`; the recorder sees each round as it ends."""
+        """Run rounds `first_round..num_rounds`; the recorder sees each round as it ends.
+
+        A round that produced no new global model has failed; once more than
+        `max_failed_rounds` have (`failed_before` of them in earlier processes of a resumed
+        run), the run ends with `self.failure` set instead of training on.
+        """
         if timeout is not None:
             self.timeout = timeout
         self.summary()
@@ -458,7 +500,8 @@ class WeightedFedAvg(Strategy):
                     recorder.on_round_end(zero, arrays)
         for server_round in range(first_round, num_rounds + 1):
             self.round_log = RoundLog(server_round=server_round)
-            messages = self.configure_train(server_round, arrays, train_config, grid)
+            messages = self.with_hook_records(
+                grid, self.configure_train(server_round, arrays, train_config, grid))
             replies = self.exchange(grid, messages, "train")
             new_arrays, train_metrics = self.aggregate_train(server_round, replies)
             if new_arrays is not None:
@@ -471,6 +514,8 @@ class WeightedFedAvg(Strategy):
             eval_metrics = self.aggregate_evaluate(server_round, eval_replies)
             if eval_metrics is not None:
                 result.evaluate_metrics_clientapp[server_round] = eval_metrics
+            arrays = self.settle_round(grid, server_round, arrays)
+            result.arrays = arrays
             if central is not None:
                 started = time.perf_counter()
                 res = central(server_round, arrays)
@@ -483,4 +528,16 @@ class WeightedFedAvg(Strategy):
             if self.stop_reason is not None:
                 log.warning("stopping after round %s: %s", server_round, self.stop_reason)
                 break
+            if self.failure is not None:  # a protocol that cannot go on (e.g. HE's search)
+                log.error("stopping after round %s: %s", server_round, self.failure)
+                break
+            if (self.round_log.aborted is not None
+                    and server_round not in self.round_log.rolled_back):
+                failed_before += 1
+                if max_failed_rounds is not None and failed_before > max_failed_rounds:
+                    self.failure = (f"{failed_before} round(s) failed, more than "
+                                    f"max_failed_rounds={max_failed_rounds}; last: round "
+                                    f"{server_round}: {self.round_log.aborted}")
+                    log.error("stopping after round %s: %s", server_round, self.failure)
+                    break
         return result

@@ -53,8 +53,13 @@ class RoundLog:
     aggregated: list[int] = field(default_factory=list)
     declined: dict[int, str] = field(default_factory=dict)
     rejected: dict[int, str] = field(default_factory=dict)
-    #: Set when the round kept the previous model, with the reason.
+    #: Set when the round kept the previous model (it failed), with the reason.
     aborted: str | None = None
+    #: Rounds whose aggregate was discarded because a reply in it was found bad, and whose
+    #: cause was identified and excluded (e.g. a forged HE ciphertext): the run rolled back
+    #: to the model before them and goes on. Such a round is also `aborted` (no new model)
+    #: but does not count against `max_failed_rounds`.
+    rolled_back: list[int] = field(default_factory=list)
     train_metrics: dict[str, float] = field(default_factory=dict)
     evaluate_metrics: dict[str, float] = field(default_factory=dict)
     central_metrics: dict[str, float] = field(default_factory=dict)
