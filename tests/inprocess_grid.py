@@ -1,7 +1,8 @@
 """A Flower `Grid` that delivers messages to ClientApps in this process, for fast tests.
 
 It runs the real ClientApp (mods and handlers) with a per-node `Context` whose state persists
-across messages, like a SuperNode's. Tests can drop nodes (`offline`), fail or tamper with
+across messages, like a SuperNode's; an exception in the ClientApp becomes an error reply, as
+in Flower's runtimes. Tests can drop nodes (`offline`), fail or tamper with
 replies (`reply_hook`) to exercise the strategies' validation and dropout paths without Ray.
 """
 
@@ -12,9 +13,10 @@ import uuid
 from collections.abc import Callable, Iterable
 from types import SimpleNamespace
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.app.message.message import make_message
 from flwr.app.metadata import Metadata
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -88,7 +90,11 @@ class InProcessGrid(Grid):
             self.sent.append(stamped)
             if node in self.offline or node not in self.contexts:
                 continue
-            reply = self.client_app(stamped, self.contexts[node])
+            try:
+                reply = self.client_app(stamped, self.contexts[node])
+            except Exception as exc:  # as Flower's runtimes: the exception becomes a reply
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                      reason=f"{type(exc)}:<'{exc}'>"), reply_to=stamped)
             if self.reply_hook is not None:
                 reply = self.reply_hook(node, stamped, reply)
             if reply is not None:
