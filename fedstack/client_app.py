@@ -19,7 +19,8 @@ from fedstack.strategies.client_mods import protocol_mod
 from fedstack.strategies.reply_validation import DECLINE_RECORD, DECLINED_KEY, NUM_EXAMPLES_KEY
 
 if TYPE_CHECKING:  # torch-backed: imported inside the handlers (see _client_setup)
-    from fedstack.task.client_data import ClientData
+    from fedstack.task.contract import Partition
+    from fedstack.task.plugin import Task
     from fedstack.task.training import LocalTrainer
 
 #: Node-config keys that place this node's data (set by simulation, or by
@@ -52,43 +53,62 @@ def partition_of(context: Context) -> tuple[int, int]:
     return int(node_config[PARTITION_ID_KEY]), int(node_config[NUM_PARTITIONS_KEY])
 
 
-def _client_setup(msg: Message, context: Context) -> tuple[Any, int, ClientData, Any]:
+# --- task: model and data (fedstack.task.plugin; the same path for built-in and plug-in tasks)
+def _client_setup(msg: Message, context: Context) -> tuple[Any, int, Partition, Any, Task]:
+    """(config, partition id, this node's partition, model with the global weights, task)."""
     # Deployment runs every message in a fresh ClientApp process: torch (~2 s of imports,
     # far more with several SuperNodes per core) is imported only by messages that reach a
     # handler, not by protocol stages a mod answers alone (secagg unmask/advertise/share).
-    from fedstack.task.client_data import load_client_data
-    from fedstack.task.models import build_model
+    from fedstack.task.plugin import load_task, task_context
 
     cfg = config_from_message(msg, context)
     # This process may be a fresh ClientApp or a Ray actor: quiet its console (Opacus's import
     # would otherwise double every line) at the run's log level.
     configure_console(cfg.get("log_level", DEFAULT_LOG_LEVEL))
     partition_id, num_partitions = partition_of(context)
-    data = load_client_data(cfg, partition_id, num_partitions)
-    model = build_model(cfg.task.model, data.task.input_shape, data.task.num_classes, cfg.seed)
+    task = load_task(cfg.task)
+    ctx = task_context(cfg, context.node_config, num_partitions)
+    data = task.load_partition(ctx, partition_id)
+    model = task.build_model(ctx)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    return cfg, partition_id, data, model
+    return cfg, partition_id, data, model, task
 
 
-def local_trainer(cfg: Any, context: Context, partition_id: int, data: ClientData,
-                  content: RecordDict | None = None) -> LocalTrainer:
-    """Plain SGD, or DP-SGD when `dp=local` (the privacy layer keeps its state in `context`
-    and reads the server ledger's record of this client from the message `content`)."""
+def local_trainer(
+    cfg: Any,
+    context: Context,
+    partition_id: int,
+    data: Partition,
+    content: RecordDict | None = None,
+    task: Task | None = None,
+) -> LocalTrainer:
+    """Plain SGD (with the task's loss), or DP-SGD when `dp=local` (the privacy layer keeps
+    its state in `context` and reads the server ledger's record of this client from the
+    message `content`)."""
     if cfg.dp.name == "none":
         from fedstack.task.training import SGDTrainer
 
-        return SGDTrainer(cfg.task, int(cfg.seed), partition_id)
+        return SGDTrainer(
+            cfg.task,
+            int(cfg.seed),
+            partition_id,
+            loss=task.train_loss() if task is not None else None,
+        )
     from fedstack.strategies import load_object
 
-    return load_object(DP_TRAINER_BUILDER)(cfg, context, partition_id, data, content)
+    loss = task.per_example_loss() if task is not None and task.has_custom_loss else None
+    return load_object(DP_TRAINER_BUILDER)(cfg, context, partition_id, data, content, loss)
+
+
+# --- end task
 
 
 @app.train(mods=[protocol_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on the local partition; reply with the new weights."""
-    cfg, partition_id, data, model = _client_setup(msg, context)
+    cfg, partition_id, data, model, task = _client_setup(msg, context)
     server_round = int(msg.content["config"]["server-round"])
-    trainer = local_trainer(cfg, context, partition_id, data, msg.content)
+    trainer = local_trainer(cfg, context, partition_id, data, msg.content, task)
     outcome = trainer.train(model, data.train, server_round)
     metrics: dict[str, Any] = {"partition-id": partition_id, **outcome.metrics}
     accounting = isinstance(trainer, AccountingTrainer)
@@ -121,13 +141,24 @@ def identify(msg: Message, context: Context) -> Message:
 @app.evaluate(mods=[protocol_mod])
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on the local validation split."""
-    from fedstack.task.training import evaluate_model
+    from fedstack.task.training import evaluate_dataset
 
-    _, partition_id, data, model = _client_setup(msg, context)
-    loss, accuracy = evaluate_model(model, data.x_val, data.y_val)
-    return Message(RecordDict({"metrics": MetricRecord({
-        NUM_EXAMPLES_KEY: len(data.y_val),
-        "eval-loss": loss,
-        "eval-accuracy": accuracy,
-        "partition-id": partition_id,
-    })}), reply_to=msg)
+    _, partition_id, data, model, task = _client_setup(msg, context)
+    loss, accuracy = evaluate_dataset(
+        model, data.val, task.per_example_loss() if task.has_custom_loss else None
+    )
+    return Message(
+        RecordDict(
+            {
+                "metrics": MetricRecord(
+                    {
+                        NUM_EXAMPLES_KEY: len(data.val),
+                        "eval-loss": loss,
+                        "eval-accuracy": accuracy,
+                        "partition-id": partition_id,
+                    }
+                )
+            }
+        ),
+        reply_to=msg,
+    )

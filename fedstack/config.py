@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 import re
 import shlex
@@ -84,11 +85,9 @@ class RootSettings:
 
 
 @dataclass
-class TaskSettings:
-    """Embedded tasks (`digits`, `breast_cancer`): data ships with scikit-learn."""
+class TrainingSettings:
+    """Keys every task has: how its data is split and how each client trains locally."""
 
-    name: str = "digits"
-    model: str = "digits_cnn"
     test_fraction: float = 0.2
     client_val_fraction: float = 0.2
     local_epochs: int = 1
@@ -106,13 +105,32 @@ class TaskSettings:
         _check(self.batch_size >= 1, "task.batch_size", self.batch_size, "must be >= 1")
         _check(self.learning_rate > 0, "task.learning_rate", self.learning_rate, "must be > 0")
         _check(0.0 <= self.momentum < 1.0, "task.momentum", self.momentum, "must be in [0, 1)")
-        _check(self.optimizer in ("sgd", "adam"), "task.optimizer", self.optimizer,
-               "must be one of: sgd, adam")
+        _check(
+            self.optimizer in ("sgd", "adam"),
+            "task.optimizer",
+            self.optimizer,
+            "must be one of: sgd, adam",
+        )
+
+
+@dataclass
+class TaskSettings(TrainingSettings):
+    """Embedded tasks (`digits`, `breast_cancer`): data ships with scikit-learn."""
+
+    name: str = "digits"
+    model: str = "digits_cnn"
+
+    def validate(self, cfg: DictConfig) -> None:
+        super().validate(cfg)
         from fedstack.task.model_names import MODEL_NAMES
 
         allowed = sorted(MODEL_NAMES) + (["auto"] if self.name == "hf" else [])
         _check(self.model in allowed, "task.model", self.model,
                f"must be one of: {', '.join(allowed)}")
+
+
+#: PIL modes `task.image_mode` may convert images to.
+IMAGE_MODES = ("L", "LA", "RGB", "RGBA", "I;16", "I", "F")
 
 
 @dataclass
@@ -128,16 +146,107 @@ class HFTaskSettings(TaskSettings):
     label_column: str = "label"
     feature_columns: Any = None
     image_column: str | None = None
-    image_size: int = 16
+    #: null: every image keeps its size (all must agree); N: resized to N x N.
+    image_size: int | None = None
+    #: null: every image keeps its channels (all must agree); a PIL mode (L, RGB, ...):
+    #: every image is converted to it.
+    image_mode: str | None = None
     num_classes: int | None = None
 
     def validate(self, cfg: DictConfig) -> None:
         super().validate(cfg)
-        _check(bool(self.dataset), "task.dataset", self.dataset,
-               "must name a Hub dataset or a builder (csv, parquet, json, imagefolder)")
-        _check(self.image_size >= 4, "task.image_size", self.image_size, "must be >= 4")
+        _check(
+            bool(self.dataset),
+            "task.dataset",
+            self.dataset,
+            "must name a Hub dataset or a builder (csv, parquet, json, imagefolder)",
+        )
+        if self.image_size is not None:
+            _check(
+                self.image_size >= 4,
+                "task.image_size",
+                self.image_size,
+                "must be >= 4 (or null: the images' own size)",
+            )
+        if self.image_mode is not None:
+            _check(
+                self.image_mode in IMAGE_MODES,
+                "task.image_mode",
+                self.image_mode,
+                f"must be one of: {', '.join(IMAGE_MODES)} (or null: the images' own)",
+            )
         if self.num_classes is not None:
             _check(self.num_classes >= 2, "task.num_classes", self.num_classes, "must be >= 2")
+
+
+@dataclass
+class SyntheticTaskSettings(TaskSettings):
+    """`task=synthetic_cifar`: generated CIFAR-shaped images, ResNet-18-GN by default."""
+
+    name: str = "synthetic_cifar"
+    model: str = "resnet18_gn"
+    learning_rate: float = 0.01
+    num_samples: int = 1000
+    num_classes: int = 10
+    channels: int = 3
+    image_size: int = 32
+    noise: float = 1.0
+
+    def validate(self, cfg: DictConfig) -> None:
+        super().validate(cfg)
+        _check(self.num_classes >= 2, "task.num_classes", self.num_classes, "must be >= 2")
+        # The central test split is stratified: it needs one example of every class, and so
+        # does the train pool (sklearn's test size is ceil(fraction * n)).
+        test_size = math.ceil(self.test_fraction * self.num_samples)
+        _check(
+            min(test_size, self.num_samples - test_size) >= self.num_classes,
+            "task.num_samples",
+            self.num_samples,
+            f"with task.test_fraction={self.test_fraction} gives {test_size} test and "
+            f"{self.num_samples - test_size} train examples; each needs >= "
+            f"task.num_classes={self.num_classes}",
+        )
+        _check(self.channels >= 1, "task.channels", self.channels, "must be >= 1")
+        _check(self.image_size >= 4, "task.image_size", self.image_size, "must be >= 4")
+        _check(self.noise >= 0, "task.noise", self.noise, "must be >= 0")
+
+
+@dataclass
+class CustomTaskSettings(TrainingSettings):
+    """`task=custom`: your own model and data through the plug-in contract (docs/tasks.md)."""
+
+    name: str = "custom"
+    #: Your task module (`my_project.task`) with build_model, load_partition, ...
+    module: str | None = None
+    #: Directory put first on sys.path before importing (null: the app's directory under
+    #: `flwr run .`, the current directory under `fedstack run`).
+    path: str | None = None
+    model_fn: str | None = None
+    partition_fn: str | None = None
+    test_fn: str | None = None
+    loss_fn: str | None = None
+    #: Free-form settings for your task's functions (`ctx.options`); new keys need a
+    #: leading `+` on the command line (`+task.options.data_dir=/data`).
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def validate(self, cfg: DictConfig) -> None:
+        super().validate(cfg)
+        _check(
+            bool(self.module) or (bool(self.model_fn) and bool(self.partition_fn)),
+            "task.module",
+            self.module,
+            "must name your task module (e.g. task.module=my_project.task), or set both "
+            "task.model_fn and task.partition_fn (docs/tasks.md)",
+        )
+        for key in ("module", "model_fn", "partition_fn", "test_fn", "loss_fn"):
+            value = getattr(self, key)
+            if value is not None:
+                _check(
+                    re.fullmatch(r"[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?", value) is not None,
+                    f"task.{key}",
+                    value,
+                    "must be a dotted Python path (package.module or package.module:function)",
+                )
 
 
 @dataclass
@@ -188,6 +297,8 @@ GROUP_SCHEMAS: dict[str, dict[str, str]] = {
         "digits": "fedstack.config:TaskSettings",
         "breast_cancer": "fedstack.config:TaskSettings",
         "hf": "fedstack.config:HFTaskSettings",
+        "synthetic_cifar": "fedstack.config:SyntheticTaskSettings",
+        "custom": "fedstack.config:CustomTaskSettings",
     },
     "aggregation": {
         "fedavg": "fedstack.config:FedAvgSettings",

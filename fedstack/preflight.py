@@ -4,7 +4,7 @@ Why a separate pass: the runtime takes 20 s or more to boot, and a problem found
 clients shows up as a failure in every client in every round. The server can check the same
 things in well under a second: the output directory (or the run to resume), the key files,
 the task's data, and the partition every client will get, computed by the very code the
-clients run (`fedstack.task.client_data.client_splits`) with the run's seed. Each failed check
+clients run (the task's `load_partition`) with the run's seed. Each failed check
 raises `ConfigError` naming the key to change; nothing is created, so a failed start leaves no
 run directory behind.
 
@@ -118,29 +118,61 @@ def check_run(cfg: Any, *, deployment: bool | None = None) -> PreflightReport:
     else:
         output = check_output_dir(str(cfg.output_dir), cfg.run_name)
         checks.append(f"output_dir: {output} is writable")
-    fingerprint = check_he_keys(cfg, deployment=deployment, run_dir=output if cfg.resume
-                                else None, checks=checks, notes=notes)
-    data = load_checked_task_data(cfg)
-    checks.append(f"task={cfg.task.name}: data loads ({len(data.y_train)} train, "
-                  f"{len(data.y_test)} test, {data.num_classes} classes)")
-    clients = check_partitions(cfg, data)
+    fingerprint = check_he_keys(
+        cfg,
+        deployment=deployment,
+        run_dir=output if cfg.resume else None,
+        checks=checks,
+        notes=notes,
+    )
+    task, ctx = load_checked_task(cfg)
+    partitions = load_partitions(cfg, task, ctx, deployment=deployment)
+    survey = survey_task(task, ctx, partitions)
+    sizes = [
+        ClientSizes(pid, len(p.train), len(p.val))  # type: ignore[arg-type]
+        for pid, p in enumerate(partitions or ())
+    ]
+    if partitions is None:
+        notes.append(
+            f"{task.source}: in deployment each SuperNode loads its own partition "
+            "(load_partition with its node config); partition sizes are checked "
+            "by the clients, not at start-up"
+        )
+    checks.append(
+        f"{task.source}: data loads ({sum(c.train + c.val for c in sizes)} train, "
+        f"{survey.test_size} test, {survey.num_classes} classes)"
+    )
+    if survey.forward_checked:
+        checks.append(
+            f"{task.source}: the model takes the loader's examples "
+            f"{survey.input_shape} and the loss takes its outputs"
+        )
+    clients = check_partitions(cfg, sizes) if partitions is not None else []
     max_weight, weight_key = weight_limit(cfg)
-    checks.append(f"partition={cfg.partition.name}: every one of num_clients={cfg.num_clients} "
-                  f"clients has >= {MIN_TRAIN_EXAMPLES} train example(s)"
-                  + (f" and >= {MIN_VAL_EXAMPLES} validation example(s)"
-                     if float(cfg.task.client_val_fraction) > 0 else "")
-                  + f", at most {weight_key}={max_weight}")
+    if partitions is not None:
+        checks.append(
+            f"partition={cfg.partition.name}: every one of num_clients="
+            f"{cfg.num_clients} clients has >= {MIN_TRAIN_EXAMPLES} train example(s)"
+            + (
+                f" and >= {MIN_VAL_EXAMPLES} validation example(s)"
+                if float(cfg.task.client_val_fraction) > 0
+                else ""
+            )
+            + f", at most {weight_key}={max_weight}"
+        )
     if cfg.dp.name == "local":
-        check_dp_model_of_task(cfg, data)
-        checks.append(f"dp=local: task.model={cfg.task.model} can be clipped per example "
-                      f"(dp.grad_sample_mode={cfg.dp.grad_sample_mode})")
+        check_dp_model_of_task(cfg, task, survey.model)
+        checks.append(
+            f"dp=local: {_model_name(cfg, task)} can be clipped per example "
+            f"(dp.grad_sample_mode={cfg.dp.grad_sample_mode})"
+        )
     return PreflightReport(
         task=str(cfg.task.name),
-        train_pool=len(data.y_train),
-        test_size=len(data.y_test),
-        num_classes=int(data.num_classes),
-        input_shape=tuple(int(d) for d in data.input_shape),
-        label_mapping=data.label_mapping,
+        train_pool=sum(c.train + c.val for c in clients),
+        test_size=survey.test_size,
+        num_classes=survey.num_classes,
+        input_shape=survey.input_shape,
+        label_mapping=survey.label_mapping,
         clients=tuple(clients),
         max_weight=max_weight,
         max_weight_key=weight_key,
@@ -328,17 +360,101 @@ def _check_secret_context(settings: Any, fingerprint: str | None, deployment: bo
 # --------------------------------------------------------------------------- data, partitions
 
 
-def load_checked_task_data(cfg: Any) -> Any:
-    """The task's data (cached per process); any failure becomes a ConfigError naming the task."""
-    from fedstack.task.datasets import load_task_data
+def load_checked_task(cfg: Any) -> tuple[Any, Any]:
+    """(Task, the server's TaskContext): the task imported as every party will import it."""
+    from fedstack.task.plugin import load_task, task_context
 
     try:
-        return load_task_data(cfg.task, cfg.seed)
+        return load_task(cfg.task), task_context(cfg)
+    except ConfigError:
+        raise
+    except Exception as exc:  # an import-time error of a plug-in module: name the task
+        raise ConfigError(
+            f"task={cfg.task.name}: the task cannot be loaded ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _task_step(task: Any, what: str, fn: Any, *args: Any) -> Any:
+    """Run one of the task's functions; any failure becomes a ConfigError naming the task."""
+    try:
+        return fn(*args)
     except ConfigError:
         raise
     except Exception as exc:  # a loader's own error type: name the task, keep the cause
-        raise ConfigError(f"task={cfg.task.name}: the data cannot be loaded "
-                          f"({type(exc).__name__}: {exc})") from exc
+        raise ConfigError(f"{task.source}: {what} failed ({type(exc).__name__}: {exc})") from exc
+
+
+def load_partitions(cfg: Any, task: Any, ctx: Any, *, deployment: bool | None) -> list[Any] | None:
+    """Every client's partition, loaded by the clients' own code; None where the server
+    cannot load them (a plug-in task in deployment: each node reads its own files)."""
+    if deployment and not task.builtin:
+        return None
+    return [
+        _task_step(task, f"load_partition(ctx, {pid})", task.load_partition, ctx, pid)
+        for pid in range(int(cfg.num_clients))
+    ]
+
+
+@dataclass(frozen=True)
+class TaskSurvey:
+    """What the server learns about a task by building its model and loading its data."""
+
+    model: Any
+    test_size: int
+    input_shape: tuple[int, ...]
+    #: Width of the model's output (the number of classes of a classifier; 0: unknown).
+    num_classes: int
+    label_mapping: dict[str, int] | None
+    #: Whether a batch of the loader's examples went through the model and the loss.
+    forward_checked: bool
+
+
+#: Examples pushed through the model and the loss by the start-up check.
+SMOKE_BATCH = 2
+
+
+def survey_task(task: Any, ctx: Any, partitions: list[Any] | None) -> TaskSurvey:
+    """Build the model, load the test split, and push a few examples through model and loss:
+    a mismatch between the loader and the model (shapes, number of classes) is found here,
+    before the runtime starts, instead of in every client."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    test = _task_step(task, "load_test(ctx)", task.load_test, ctx)
+    model = _task_step(task, "build_model(ctx)", task.build_model, ctx)
+    names = _task_step(task, "label_names(ctx)", task.label_names, ctx)
+    sample = next((p.train for p in partitions or () if len(p.train) > 0), None)
+    if sample is None and test is not None and len(test) > 0:
+        sample = test
+    input_shape: tuple[int, ...] = ()
+    outputs = 0
+    if sample is not None:
+        xb, yb = _task_step(
+            task,
+            "reading examples (dataset[i] must be (input, target))",
+            lambda: next(iter(DataLoader(sample, batch_size=SMOKE_BATCH))),
+        )
+        input_shape = tuple(int(d) for d in xb.shape[1:])
+        model.eval()
+        with torch.no_grad():
+            out = _task_step(task, f"the model on inputs of shape {tuple(xb.shape)}", model, xb)
+            _task_step(
+                task,
+                f"the loss on outputs {tuple(out.shape)} and targets "
+                f"{tuple(yb.shape)} (does the model's output match the task's classes?)",
+                task.per_example_loss(),
+                out,
+                yb,
+            )
+        outputs = int(out.shape[1]) if out.dim() == 2 else 0
+    return TaskSurvey(
+        model=model,
+        test_size=0 if test is None else len(test),
+        input_shape=input_shape,
+        num_classes=outputs,
+        label_mapping=None if names is None else {n: i for i, n in enumerate(names)},
+        forward_checked=sample is not None,
+    )
 
 
 def weight_limit(cfg: Any) -> tuple[int, str]:
@@ -381,13 +497,9 @@ def _partition_remedy(cfg: Any, val_fraction: float) -> str:
     return f"Every client needs >= {needed} samples: lower num_clients"
 
 
-def check_partitions(cfg: Any, data: Any) -> list[ClientSizes]:
+def check_partitions(cfg: Any, sizes: list[ClientSizes]) -> list[ClientSizes]:
     """Every client's train/validation sizes; ConfigError if any client could not take part."""
-    from fedstack.task.client_data import client_splits
-
     num_clients = int(cfg.num_clients)
-    splits = client_splits(cfg, data, num_clients)  # ConfigError naming the partition keys
-    sizes = [ClientSizes(s.partition_id, len(s.train), len(s.val)) for s in splits]
     val_fraction = float(cfg.task.client_val_fraction)
     short = [c for c in sizes if c.train < MIN_TRAIN_EXAMPLES
              or (val_fraction > 0 and c.val < MIN_VAL_EXAMPLES)]
@@ -410,18 +522,20 @@ def check_partitions(cfg: Any, data: Any) -> list[ClientSizes]:
     return sizes
 
 
-def check_dp_model_of_task(cfg: Any, data: Any) -> None:
+def _model_name(cfg: Any, task: Any) -> str:
+    return f"task.model={cfg.task.model}" if task.builtin else f"{task.source} (build_model)"
+
+
+def check_dp_model_of_task(cfg: Any, task: Any, model: Any) -> None:
     """The task's model must be one DP-SGD can clip per example (no tied weights, no layer
     that mixes examples): refused here, naming the layer, instead of in every client."""
     from fedstack.privacy.engine import check_dp_model
     from fedstack.privacy.model_check import DPModelError
-    from fedstack.task.models import build_model
 
-    model = build_model(cfg.task.model, data.input_shape, data.num_classes, cfg.seed)
     try:
         check_dp_model(model, str(cfg.dp.grad_sample_mode))
     except DPModelError as exc:
-        raise ConfigError(f"task.model={cfg.task.model} with dp=local: {exc}") from None
+        raise ConfigError(f"{_model_name(cfg, task)} with dp=local: {exc}") from None
 
 
 def _check_dp_delta(cfg: Any, sizes: list[ClientSizes]) -> None:

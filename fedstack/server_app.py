@@ -36,9 +36,8 @@ from fedstack.outputs.run_directory import (
 from fedstack.preflight import check_run
 from fedstack.strategies import build_strategy, load_object
 from fedstack.strategies.runtime import is_deployment
-from fedstack.task.datasets import load_task_data
-from fedstack.task.models import build_model
-from fedstack.task.training import evaluate_model
+from fedstack.task.plugin import load_task, task_context
+from fedstack.task.training import evaluate_dataset
 
 #: The privacy ledger follows every run (it also states what the server could see).
 PRIVACY_LEDGER = "fedstack.privacy.ledger:PrivacyLedger"
@@ -117,21 +116,38 @@ def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path, int, ArrayRecord | N
     return cfg, run_dir, 1, None
 
 
+# --- task: model and data (fedstack.task.plugin; the same path for built-in and plug-in tasks)
+def initial_arrays(cfg: DictConfig) -> ArrayRecord:
+    """The task's freshly built model (seeded by the run's seed), as round 1's global model."""
+    return ArrayRecord(load_task(cfg.task).build_model(task_context(cfg)).state_dict())
+
+
 def central_evaluator(cfg: DictConfig) -> Any:
-    """evaluate_fn(round, arrays) on the held-out test split (server-side data only)."""
-    data = load_task_data(cfg.task, cfg.seed)
-    model = build_model(cfg.task.model, data.input_shape, data.num_classes, cfg.seed)
+    """evaluate_fn(round, arrays) on the task's test split (server-side data only), or None
+    when the task has none (a plug-in without load_test)."""
+    task = load_task(cfg.task)
+    ctx = task_context(cfg)
+    test = task.load_test(ctx)
+    if test is None:
+        logger.info("central evaluation is off: %s has no test split (load_test)", task.source)
+        return None
+    model = task.build_model(ctx)
+    loss_fn = task.per_example_loss() if task.has_custom_loss else None
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         model.load_state_dict(arrays.to_torch_state_dict())
-        loss, accuracy = evaluate_model(model, data.x_test, data.y_test)
+        loss, accuracy = evaluate_dataset(model, test, loss_fn)
         return MetricRecord({"loss": loss, "accuracy": accuracy})
 
     return evaluate
 
 
-def build_listeners(cfg: DictConfig, run_dir: Path, strategy: Any,
-                    resuming: bool) -> list[RoundListener]:
+# --- end task
+
+
+def build_listeners(
+    cfg: DictConfig, run_dir: Path, strategy: Any, resuming: bool
+) -> list[RoundListener]:
     ledger_cls = load_object(PRIVACY_LEDGER)
     return [ledger_cls(run_dir=run_dir, cfg=cfg, strategy=strategy, resume=resuming)]
 
@@ -155,10 +171,8 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
                 cfg.partition.name, cfg.num_clients, cfg.num_rounds, run_dir)
     try:
         preflight.write(run_dir)
-        data = load_task_data(cfg.task, cfg.seed)
         if arrays is None:
-            model = build_model(cfg.task.model, data.input_shape, data.num_classes, cfg.seed)
-            arrays = ArrayRecord(model.state_dict())
+            arrays = initial_arrays(cfg)
         strategy = build_strategy(cfg, run_dir)
         recorder = RunRecorder(
             run_dir, cfg,

@@ -60,7 +60,7 @@ def train(msg: Message, context: Context) -> Message:
         loss.backward()
         optimizer.step()
     content = RecordDict({"arrays": ArrayRecord(model.state_dict()),
-                          "metrics": MetricRecord({"train_loss": float(loss),
+                          "metrics": MetricRecord({"train_loss": loss.item(),
                                                    "num-examples": len(y)})})
     return Message(content=content, reply_to=msg)
 

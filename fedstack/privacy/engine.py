@@ -179,6 +179,7 @@ class LocalDP:
         dataset: Dataset,
         *,
         allow_model_fix: bool = True,
+        per_example_loss: PerExampleLoss | None = None,
     ) -> PrivateRound:
         """Wrap model, optimizer and data for one round of DP-SGD.
 
@@ -217,6 +218,7 @@ class LocalDP:
             mode=self.settings.grad_sample_mode,
             max_steps=self.steps_per_round,
             generator=self.generator,
+            per_example_loss=per_example_loss,
         )
 
     def end_round(self, private: PrivateRound, server_round: int) -> dict[str, float]:
@@ -229,6 +231,27 @@ class LocalDP:
         if self.max_epsilon is not None:
             metrics["epsilon-budget"] = self.max_epsilon
         return metrics
+
+
+#: A task's loss: (outputs, targets) -> one loss per example, shape (B,).
+PerExampleLoss = Callable[[Tensor, Tensor], Tensor]
+
+
+class MeanLoss(nn.Module):
+    """A per-example loss as a torch loss module (mean over the batch).
+
+    Why a module with `reduction`: Opacus's ghost clipping switches its criterion to
+    `reduction="none"` to get the per-example losses it clips; the other modes take the mean.
+    """
+
+    def __init__(self, per_example: PerExampleLoss) -> None:
+        super().__init__()
+        self.per_example = per_example
+        self.reduction = "mean"
+
+    def forward(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        losses = self.per_example(outputs, targets)
+        return losses if self.reduction == "none" else losses.mean()
 
 
 class PrivateRound:
@@ -250,6 +273,7 @@ class PrivateRound:
         mode: str,
         max_steps: int,
         generator: torch.Generator,
+        per_example_loss: PerExampleLoss | None = None,
     ) -> None:
         self.model = model
         self.batches = batches
@@ -271,8 +295,9 @@ class PrivateRound:
         if mode == "bk":
             self.optimizer = optimizer
             self._clipper: BookKeepingClipper | None = BookKeepingClipper(model, max_grad_norm)
-            self._criterion: Callable[[Tensor, Tensor], Tensor] = nn.CrossEntropyLoss(
-                reduction="none"
+            self._criterion: Callable[[Tensor, Tensor], Tensor] = (
+                per_example_loss if per_example_loss is not None
+                else nn.CrossEntropyLoss(reduction="none")
             )
             self._wrapped: nn.Module = model
             self._params = [p for p in model.parameters() if p.requires_grad]
@@ -291,6 +316,8 @@ class PrivateRound:
             self._wrapped, self.optimizer, self._criterion = _opacus_private(
                 model, optimizer, batches, accountant, self.noise_multiplier,
                 self.max_grad_norm, mode, generator,
+                nn.CrossEntropyLoss() if per_example_loss is None
+                else MeanLoss(per_example_loss),
             )
 
     def train_epoch(self) -> tuple[float, int]:
@@ -370,6 +397,7 @@ def _opacus_private(
     max_grad_norm: float,
     mode: str,
     generator: torch.Generator,
+    criterion: nn.Module,
 ) -> tuple[nn.Module, torch.optim.Optimizer, Callable[[Tensor, Tensor], Tensor]]:
     """Opacus's make_private with our accountant and our (already Poisson) batches.
 
@@ -385,7 +413,7 @@ def _opacus_private(
         module=model,
         optimizer=optimizer,
         data_loader=batches,  # type: ignore[arg-type]
-        criterion=nn.CrossEntropyLoss(),
+        criterion=criterion,
         noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm,
         poisson_sampling=False,
@@ -396,7 +424,6 @@ def _opacus_private(
         wrapped, dp_optimizer, criterion, loader = result  # type: ignore[misc]
     else:
         wrapped, dp_optimizer, loader = result  # type: ignore[misc]
-        criterion = nn.CrossEntropyLoss()
     if loader is not batches or not math.isclose(1.0 / len(loader), batches.sample_rate):
         raise RuntimeError("Opacus replaced the Poisson batches; accounting would not match")
     return wrapped, dp_optimizer, criterion

@@ -107,7 +107,8 @@ class ContextDPTrainer:
     """
 
     def __init__(self, cfg: Any, context: Any, generator: torch.Generator | None = None, *,
-                 client: str | None = None, ledger: LedgerView | None = None) -> None:
+                 client: str | None = None, ledger: LedgerView | None = None,
+                 per_example_loss: Any = None) -> None:
         from fedstack.config import settings_of
 
         settings = settings_of(cfg.dp)
@@ -133,6 +134,7 @@ class ContextDPTrainer:
             state=resolved.state,
             node_max_epsilon=node_max_epsilon(context),
             generator=generator,
+            per_example_loss=per_example_loss,
         )
 
     def train(self, model: nn.Module, data: TensorDataset, server_round: int) -> TrainOutcome:
@@ -158,7 +160,7 @@ class ContextDPTrainer:
 
 
 def build_dp_trainer(cfg: Any, context: Any, partition_id: int, data: Any,
-                     content: Any = None) -> ContextDPTrainer:
+                     content: Any = None, per_example_loss: Any = None) -> ContextDPTrainer:
     """The ClientApp's hook for `dp=local` (fedstack.client_app.local_trainer).
 
     `content` is the train message's RecordDict (it may carry the ledger's `dp-ledger`
@@ -171,4 +173,4 @@ def build_dp_trainer(cfg: Any, context: Any, partition_id: int, data: Any,
     if content is not None and LEDGER_RECORD in content.config_records:
         record = dict(content.config_records[LEDGER_RECORD])
     return ContextDPTrainer(cfg, context, client=str(partition_id),
-                            ledger=parse_server_record(record))
+                            ledger=parse_server_record(record), per_example_loss=per_example_loss)

@@ -18,7 +18,7 @@ from torch.utils.data import TensorDataset
 
 from fedstack.log import get_logger
 from fedstack.privacy.accountant_state import PrivacyState
-from fedstack.privacy.engine import DPSetupError, LocalDP
+from fedstack.privacy.engine import DPSetupError, LocalDP, PerExampleLoss
 from fedstack.privacy.settings import LocalDPSettings
 from fedstack.task.training import TrainOutcome, make_optimizer
 
@@ -37,8 +37,11 @@ class DPTrainer:
         state: PrivacyState | None = None,
         node_max_epsilon: float | None = None,
         generator: torch.Generator | None = None,
+        per_example_loss: PerExampleLoss | None = None,
     ) -> None:
         self.task = task
+        #: The task's loss (None: cross-entropy), clipped per example like the default.
+        self.per_example_loss = per_example_loss
         self.dp = dp
         self.planned_rounds = int(planned_rounds)
         self.state = state
@@ -79,7 +82,7 @@ class DPTrainer:
         # are), so no fix is allowed here and the optimizer is the task's, over its params.
         private = session.make_private(
             model, lambda _params: make_optimizer(model, self.task), data,
-            allow_model_fix=False,
+            allow_model_fix=False, per_example_loss=self.per_example_loss,
         )
         loss_sum, seen = 0.0, 0
         try:

@@ -1,1 +1,2 @@
-"""Tasks: datasets, partitioning among clients, models and local training."""
+"""Tasks: the plug-in contract (`contract`, `plugin`), the built-in tasks that use it
+(`builtin`: datasets, partitioning, models) and local training."""

@@ -1,7 +1,8 @@
-"""One client's view of the task: its partition, split into local train and validation.
+"""One client's view of a pool task: its partition, split into local train and validation.
 
 The split is a pure function of (config, partition id), so the server can compute every
-client's sizes at start-up (`fedstack.preflight`) through the very code the clients run.
+client's sizes at start-up (`fedstack.preflight`) through the very code the clients run
+(`fedstack.task.contract.partition_pool`, which built-in and plug-in tasks share).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import numpy as np
 from torch.utils.data import TensorDataset
 
 from fedstack.task.datasets import TaskData, load_task_data
-from fedstack.task.partitioning import client_partition, partition_indices
 from fedstack.task.training import to_dataset
 
 
@@ -49,23 +49,19 @@ def split_partition(indices: np.ndarray, partition_id: int, seed: int,
     return ClientSplit(partition_id, train=shuffled[n_val:], val=shuffled[:n_val])
 
 
-def client_splits(cfg: Any, data: TaskData, num_partitions: int) -> list[ClientSplit]:
-    """Every partition's local split, exactly as each client derives its own."""
-    parts = partition_indices(data.y_train, num_partitions, cfg.partition, cfg.seed)
-    return [split_partition(part, pid, cfg.seed, cfg.task.client_val_fraction)
-            for pid, part in enumerate(parts)]
-
-
 def load_client_data(cfg: Any, partition_id: int, num_partitions: int) -> ClientData:
-    """The partition `partition_id` of `num_partitions`, as this run's config defines it."""
+    """A built-in task's partition `partition_id` of `num_partitions`, as arrays (for tests
+    and benchmarks): exactly what `fedstack.task.builtin.load_partition` gives the client."""
+    from fedstack.task.contract import partition_pool
+    from fedstack.task.plugin import task_context
+
     data = load_task_data(cfg.task, cfg.seed)
-    idx = client_partition(data.y_train, partition_id, num_partitions, cfg.partition, cfg.seed)
-    split = split_partition(idx, partition_id, cfg.seed, cfg.task.client_val_fraction)
-    if len(split.train) < 1:
-        raise ValueError(f"partition {partition_id} has {len(idx)} samples: too few to train")
-    return ClientData(
-        train=to_dataset(data.x_train[split.train], data.y_train[split.train]),
-        x_val=data.x_train[split.val],
-        y_val=data.y_train[split.val],
-        task=data,
+    part = partition_pool(
+        task_context(cfg, num_partitions=num_partitions), partition_id, data.x_train, data.y_train
     )
+    (x_train, y_train), (x_val, y_val) = part.train, part.val
+    if len(y_train) < 1:
+        raise ValueError(
+            f"partition {partition_id} has {len(y_train) + len(y_val)} samples: too few to train"
+        )
+    return ClientData(train=to_dataset(x_train, y_train), x_val=x_val, y_val=y_val, task=data)

@@ -48,7 +48,10 @@ class TaskData:
         return {name: index for index, name in enumerate(self.label_names)}
 
 
-def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, ...]:
+def split_examples(
+    x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, ...]:
+    """(x_train, x_test, y_train, y_test): a stratified, seed-determined test split."""
     from sklearn.model_selection import train_test_split
 
     return tuple(train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y))
@@ -69,9 +72,15 @@ def load_digits_task(test_fraction: float, seed: int) -> TaskData:
     bunch = load_digits()
     x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
     y = bunch.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = _split(x, y, test_fraction, seed)
-    return TaskData(x_tr, y_tr, x_te, y_te, num_classes=10,
-                    label_names=tuple(str(name) for name in bunch.target_names))
+    x_tr, x_te, y_tr, y_te = split_examples(x, y, test_fraction, seed)
+    return TaskData(
+        x_tr,
+        y_tr,
+        x_te,
+        y_te,
+        num_classes=10,
+        label_names=tuple(str(name) for name in bunch.target_names),
+    )
 
 
 def load_breast_cancer_task(test_fraction: float, seed: int) -> TaskData:
@@ -80,10 +89,26 @@ def load_breast_cancer_task(test_fraction: float, seed: int) -> TaskData:
     bunch = load_breast_cancer()
     x = bunch.data.astype(np.float32)
     y = bunch.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = _split(x, y, test_fraction, seed)
+    x_tr, x_te, y_tr, y_te = split_examples(x, y, test_fraction, seed)
     x_tr, x_te = _standardise(x_tr, x_te)
     return TaskData(x_tr.astype(np.float32), y_tr, x_te.astype(np.float32), y_te, num_classes=2,
                     label_names=tuple(str(name) for name in bunch.target_names))
+
+
+def load_synthetic_task(settings: Any, seed: int) -> TaskData:
+    """Generated CIFAR-shaped images (`fedstack.task.synthetic`), split like the others."""
+    from fedstack.task.synthetic import generate_images
+
+    x, y = generate_images(
+        int(settings.num_samples),
+        int(settings.num_classes),
+        int(settings.channels),
+        int(settings.image_size),
+        float(settings.noise),
+        seed,
+    )
+    x_tr, x_te, y_tr, y_te = split_examples(x, y, settings.test_fraction, seed)
+    return TaskData(x_tr, y_tr, x_te, y_te, num_classes=int(settings.num_classes))
 
 
 def _data_file_patterns(data_files: Any) -> list[str]:
@@ -165,18 +190,90 @@ def encode_labels(*columns: np.ndarray) -> tuple[list[np.ndarray], tuple[str, ..
     return encoded, tuple(str(c) for c in classes.tolist())
 
 
+#: PIL modes kept as they are when `task.image_mode` is null, with their value range.
+NATIVE_IMAGE_SCALE: dict[str, float] = {
+    "L": 255.0,
+    "LA": 255.0,
+    "RGB": 255.0,
+    "RGBA": 255.0,
+    "I;16": 65535.0,
+    "I": 1.0,
+    "F": 1.0,
+}
+#: What other PIL modes become when `task.image_mode` is null ("1": bilevel, "P": palette).
+NATIVE_IMAGE_FALLBACK: dict[str, str] = {"1": "L", "P": "RGB", "PA": "RGBA"}
+#: Channel count of the PIL modes fedstack can convert to (task.image_mode).
+IMAGE_MODE_CHANNELS: dict[str, int] = {
+    "L": 1,
+    "LA": 2,
+    "RGB": 3,
+    "RGBA": 4,
+    "I;16": 1,
+    "I": 1,
+    "F": 1,
+}
+
+
+def _native_mode(img: Any) -> str:
+    mode = str(img.mode)
+    if mode in NATIVE_IMAGE_SCALE:
+        return mode
+    if mode == "P" and "transparency" in getattr(img, "info", {}):
+        return "RGBA"
+    return NATIVE_IMAGE_FALLBACK.get(mode, "RGB")
+
+
+def image_array(images: Any, mode: str | None, size: int | None) -> np.ndarray:
+    """(N, C, H, W) float32 pixels of PIL images, at their native size and channels.
+
+    `mode` (task.image_mode, a PIL mode such as "L" or "RGB") converts every image, `size`
+    (task.image_size) resizes every image to size x size; None keeps what the files have
+    (RGB 32x32 stays 3x32x32), and then every image must agree, or the error names the key
+    that makes them agree. 8-bit values scale to [0, 1], 16-bit ones by 65535.
+    """
+    arrays: list[np.ndarray] = []
+    modes: set[str] = set()
+    shapes: set[tuple[int, ...]] = set()
+    for img in images:
+        target = mode if mode is not None else _native_mode(img)
+        if img.mode != target:
+            img = img.convert(target)
+        if size is not None:
+            img = img.resize((int(size), int(size)))
+        pixels = np.asarray(img, dtype=np.float32) / NATIVE_IMAGE_SCALE.get(target, 255.0)
+        pixels = pixels[None, :, :] if pixels.ndim == 2 else np.moveaxis(pixels, -1, 0)
+        modes.add(target)
+        shapes.add(pixels.shape[1:])
+        arrays.append(pixels)
+    if not arrays:
+        raise ConfigError("task.image_column: the split has no images")
+    if len(modes) > 1:
+        raise ConfigError(
+            f"task.image_mode=null keeps each image's channels, but the images "
+            f"have modes {sorted(modes)}: set task.image_mode (e.g. RGB or L) "
+            "to convert them to one"
+        )
+    if len(shapes) > 1:
+        listed = sorted(f"{h}x{w}" for h, w in shapes)
+        raise ConfigError(
+            f"task.image_size=null keeps each image's size, but the images "
+            f"have sizes {listed[:5]}{' ...' if len(listed) > 5 else ''}: set "
+            "task.image_size to resize them to one"
+        )
+    return np.stack(arrays)
+
+
 def _hf_features(ds: Any, settings: Any) -> np.ndarray:
     """The feature array of a `datasets.Dataset` (images or numeric columns)."""
     label_col = settings.label_column
     if settings.image_column:
         col = settings.image_column
         if col not in ds.column_names:
-            raise ConfigError(f"task.image_column={col!r} is not a column of the dataset "
-                              f"(columns: {ds.column_names})")
-        size = int(settings.image_size)
-        images = [np.asarray(img.convert("L").resize((size, size)), dtype=np.float32) / 255.0
-                  for img in ds[col]]
-        return np.stack(images)[:, None, :, :]
+            raise ConfigError(
+                f"task.image_column={col!r} is not a column of the dataset "
+                f"(columns: {ds.column_names})"
+            )
+        return image_array(ds[col], settings.image_mode, settings.image_size)
     columns = settings.feature_columns
     if columns is None:
         columns = [c for c in ds.column_names if c != label_col
@@ -242,11 +339,24 @@ def load_hf_task(settings: Any, seed: int) -> TaskData:
         x_te, y_te = _hf_features(test, settings), labels[1]
     else:
         try:
-            x_tr, x_te, y_tr, y_te = _split(x, labels[0], settings.test_fraction, seed)
+            x_tr, x_te, y_tr, y_te = split_examples(x, labels[0], settings.test_fraction, seed)
         except ValueError as exc:
-            raise ConfigError(f"task.test_fraction={settings.test_fraction}: cannot carve a "
-                              f"test split stratified by task.label_column="
-                              f"{settings.label_column!r} from {len(x)} rows ({exc})") from None
+            raise ConfigError(
+                f"task.test_fraction={settings.test_fraction}: cannot carve a "
+                f"test split stratified by task.label_column="
+                f"{settings.label_column!r} from {len(x)} rows ({exc})"
+            ) from None
+    if x_tr.shape[1:] != x_te.shape[1:]:
+        raise ConfigError(
+            f"task.split={settings.split!r} has examples of shape "
+            f"{x_tr.shape[1:]} but task.test_split={settings.test_split!r} "
+            f"{x_te.shape[1:]}"
+            + (
+                ": set task.image_size and task.image_mode to make them one"
+                if x_tr.ndim == 4
+                else ""
+            )
+        )
     if x_tr.ndim == 2:
         x_tr, x_te = _standardise(x_tr, x_te)
     seen = int(max(y_tr.max(), y_te.max()) + 1)
@@ -272,6 +382,8 @@ def _load_cached(task_yaml: str, seed: int) -> TaskData:
         return load_breast_cancer_task(settings.test_fraction, seed)
     if settings.name == "hf":
         return load_hf_task(settings, seed)
+    if settings.name == "synthetic_cifar":
+        return load_synthetic_task(settings, seed)
     raise ValueError(f"unknown task {settings.name!r}")
 
 

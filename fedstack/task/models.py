@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fedstack.task.model_names import MODEL_NAMES
+from fedstack.task.resnet import ResNet18GN
 
 
 class DigitsCNN(nn.Module):
@@ -90,7 +91,7 @@ class TabularMLP(nn.Module):
 
 
 class ImageCNN(DigitsCNN):
-    """The digits CNN for any small grayscale image size (used by `task=hf` image data)."""
+    """The digits CNN for small images of any size and channel count (`task=hf` images)."""
 
 
 ModelBuilder = Callable[[tuple[int, ...], int], nn.Module]
@@ -102,6 +103,7 @@ MODEL_BUILDERS: dict[str, ModelBuilder] = {
     "digits_linear": DigitsLinear,
     "tabular_mlp": TabularMLP,
     "image_cnn": ImageCNN,
+    "resnet18_gn": ResNet18GN,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from typing import Any
 
@@ -40,9 +41,48 @@ def build_partitioner(settings: Any, num_partitions: int, seed: int) -> Any:
     raise ValueError(f"unknown partition scheme {settings.name!r}")
 
 
-def partition_indices(labels: np.ndarray, num_partitions: int, settings: Any,
-                      seed: int) -> list[np.ndarray]:
+#: Partitionings kept per process (each client, and the start-up check for every client,
+#: asks for one partition of the same draw: computing the draw once is enough).
+PARTITION_CACHE_SIZE = 8
+_PARTITIONS: dict[tuple[Any, ...], list[np.ndarray]] = {}
+
+
+def partition_indices(
+    labels: np.ndarray, num_partitions: int, settings: Any, seed: int
+) -> list[np.ndarray]:
     """Indices into the train pool of every partition (disjoint; seed-determined)."""
+    labels = np.asarray(labels)
+    key = (
+        hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest(),
+        labels.dtype.str,
+        len(labels),
+        int(num_partitions),
+        _settings_key(settings),
+        int(seed),
+    )
+    parts = _PARTITIONS.get(key)
+    if parts is None:
+        parts = _draw_partitions(labels, num_partitions, settings, seed)
+        if len(_PARTITIONS) >= PARTITION_CACHE_SIZE:
+            _PARTITIONS.clear()
+        _PARTITIONS[key] = parts
+    return [part.copy() for part in parts]
+
+
+def _settings_key(settings: Any) -> str:
+    from omegaconf import OmegaConf
+
+    values = (
+        OmegaConf.to_container(settings, resolve=True)
+        if OmegaConf.is_config(settings)
+        else settings
+    )
+    return repr(sorted(dict(values).items()))
+
+
+def _draw_partitions(
+    labels: np.ndarray, num_partitions: int, settings: Any, seed: int
+) -> list[np.ndarray]:
     from datasets import Dataset
 
     if num_partitions < 1:

@@ -6,13 +6,19 @@ DP-SGD in `fedstack.privacy`. The ClientApp neither knows nor cares which one ru
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+#: A batch loss: (outputs, targets) -> scalar (training) or per-example losses.
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: Examples per forward pass when evaluating.
+EVAL_BATCH_SIZE = 512
 
 
 @dataclass
@@ -30,8 +36,7 @@ class TrainOutcome:
 class LocalTrainer(Protocol):
     """One round of local training on a client."""
 
-    def train(self, model: nn.Module, data: TensorDataset, server_round: int) -> TrainOutcome:
-        ...
+    def train(self, model: nn.Module, data: Dataset, server_round: int) -> TrainOutcome: ...
 
 
 def make_optimizer(model: nn.Module, task: Any) -> torch.optim.Optimizer:
@@ -48,18 +53,26 @@ def round_generator(seed: int, partition_id: int, server_round: int) -> torch.Ge
 
 
 class SGDTrainer:
-    """Plain mini-batch training with the task's optimizer (no privacy)."""
+    """Plain mini-batch training with the task's optimizer (no privacy).
 
-    def __init__(self, task: Any, seed: int, partition_id: int) -> None:
+    `loss` is the batch's mean loss (the task's; cross-entropy by default).
+    """
+
+    def __init__(self, task: Any, seed: int, partition_id: int, loss: LossFn | None = None) -> None:
         self.task = task
         self.seed = seed
         self.partition_id = partition_id
+        self.loss = loss
 
-    def train(self, model: nn.Module, data: TensorDataset, server_round: int) -> TrainOutcome:
-        loader = DataLoader(data, batch_size=int(self.task.batch_size), shuffle=True,
-                            generator=round_generator(self.seed, self.partition_id, server_round))
+    def train(self, model: nn.Module, data: Dataset, server_round: int) -> TrainOutcome:
+        loader = DataLoader(
+            data,
+            batch_size=int(self.task.batch_size),
+            shuffle=True,
+            generator=round_generator(self.seed, self.partition_id, server_round),
+        )
         optimizer = make_optimizer(model, self.task)
-        criterion = nn.CrossEntropyLoss()
+        criterion = self.loss if self.loss is not None else nn.CrossEntropyLoss()
         model.train()
         total, count = 0.0, 0
         for _ in range(int(self.task.local_epochs)):
@@ -70,25 +83,58 @@ class SGDTrainer:
                 optimizer.step()
                 total += float(loss.detach()) * len(yb)
                 count += len(yb)
-        return TrainOutcome(num_examples=len(data), train_loss=total / max(count, 1))
+        return TrainOutcome(
+            num_examples=len(data),  # type: ignore[arg-type]
+            train_loss=total / max(count, 1),
+        )
 
 
 @torch.no_grad()
-def evaluate_model(model: nn.Module, x: np.ndarray, y: np.ndarray,
-                   batch_size: int = 512) -> tuple[float, float]:
+def evaluate_model(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = EVAL_BATCH_SIZE
+) -> tuple[float, float]:
     """(mean cross-entropy loss, accuracy) of `model` on (x, y)."""
-    if len(y) == 0:
+    return evaluate_dataset(model, to_dataset(x, y), batch_size=batch_size)
+
+
+def _batches(data: Dataset, batch_size: int) -> Any:
+    if isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        x, y = data.tensors  # slices: no per-example collate for in-memory data
+        return (
+            (x[s : s + batch_size], y[s : s + batch_size]) for s in range(0, len(y), batch_size)
+        )
+    return DataLoader(data, batch_size=batch_size, shuffle=False)
+
+
+@torch.no_grad()
+def evaluate_dataset(
+    model: nn.Module,
+    data: Dataset,
+    per_example_loss: LossFn | None = None,
+    batch_size: int = EVAL_BATCH_SIZE,
+) -> tuple[float, float]:
+    """(mean loss, accuracy) of `model` on a Dataset of (input, target).
+
+    The loss is the task's per-example loss (cross-entropy by default). Accuracy is the
+    share of argmax predictions equal to integer targets; NaN where it has no meaning
+    (targets that are not class indices, e.g. a regression task's). NaN, NaN for no data.
+    """
+    count = len(data)  # type: ignore[arg-type]
+    if count == 0:
         return float("nan"), float("nan")
     model.eval()
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    loss, correct = 0.0, 0
-    for start in range(0, len(y), batch_size):
-        xb = torch.from_numpy(x[start:start + batch_size])
-        yb = torch.from_numpy(y[start:start + batch_size])
+    criterion = nn.CrossEntropyLoss(reduction="sum") if per_example_loss is None else None
+    loss, correct, classified = 0.0, 0, True
+    for xb, yb in _batches(data, batch_size):
         out = model(xb)
-        loss += float(criterion(out, yb))
-        correct += int((out.argmax(dim=1) == yb).sum())
-    return loss / len(y), correct / len(y)
+        loss += float(
+            criterion(out, yb) if criterion is not None else per_example_loss(out, yb).sum()
+        )  # type: ignore[misc]
+        if classified and out.dim() == 2 and not yb.is_floating_point() and yb.dim() == 1:
+            correct += int((out.argmax(dim=1) == yb).sum())
+        else:
+            classified = False
+    return loss / count, (correct / count if classified else float("nan"))
 
 
 def to_dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
