@@ -16,15 +16,25 @@ Sections:
   ray     5 clients, the digits CNN (85k parameters) with real local training, through Flower's
           simulation runtime (Ray); medians of rounds 2.. (round 1 pays Ray's start-up).
           ray_ratio_* keys. Skipped with --quick.
+  scale   (only with --scale or --sections scale) one round of the protocol core at 100, 300 and
+          1000 clients x d = 1e6, SecAgg+ graph, 10% of the clients dropping after sharing (the
+          server must rebuild their mask keys and expand their pairwise masks): every client
+          runs its real stages, every masked input goes to the real server, the unmasked sum is
+          checked bit for bit. Per-client seconds (median over survivors of the time spent in
+          their own stages), server seconds, traced peak memory, and least-squares fits of the
+          growth. Plus one complete-graph round at 100 clients for contrast. Key "scale".
 
-Prints a table per section and writes benchmarks/results/secagg.json.
-Usage: python benchmarks/secagg.py [--quick] [--sections shamir,core,rounds,ray]
-Default run ~7-10 min on 2 busy cores (Ray start-up dominates its last section); --quick ~1 min.
+Prints a table per section and writes its keys into benchmarks/results/secagg.json (the keys
+of sections not run are kept).
+Usage: python benchmarks/secagg.py [--quick] [--sections shamir,core,rounds,ray] [--scale]
+Default run ~7-10 min on 2 busy cores (Ray start-up dominates its last section); --quick ~1 min;
+--scale alone ~5 min (each size runs twice: untraced for time, traced for memory).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -32,6 +42,7 @@ import platform
 import statistics
 import sys
 import time
+import tracemalloc
 from copy import deepcopy
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,7 +55,11 @@ sys.path.insert(0, str(ROOT))
 from fedstack.crypto import shamir  # noqa: E402
 from fedstack.crypto.quantise import FixedPointCodec, auto_scale  # noqa: E402
 from fedstack.strategies.secagg.params import ProtocolParams  # noqa: E402
-from fedstack.strategies.secagg.simulate import SimulatedFederation  # noqa: E402
+from fedstack.strategies.secagg.simulate import (  # noqa: E402
+    SERVER,
+    Meter,
+    SimulatedFederation,
+)
 
 RESULTS = ROOT / "benchmarks" / "results" / "secagg.json"
 SHAMIR_SIZES = [(100, 51), (500, 251)]
@@ -580,16 +595,251 @@ def bench_ray() -> dict:
     return rows
 
 
+# ------------------------------------------------------------------ protocol core at scale
+
+SCALE_CLIENTS = (100, 300, 1000)
+SCALE_DIM = 1_000_000
+SCALE_DROPOUT = 0.1
+SCALE_QUICK = ((20, 50, 100), 100_000)
+SCALE_CONTRAST_CLIENTS = 100  # one complete-graph round: what the sparse graph saves
+SCALE_MAX_CLIENTS = 1000  # codec bound: the 1000-client sum must not wrap
+SCALE_MAX_WEIGHT = 1000
+SCALE_CLIP = 4.0
+SCALE_THRESHOLD = 0.6
+SCALE_SEED = 14
+MB = 1e6
+
+
+def _scale_round(n: int, d: int, graph: str, seed: int, trace_memory: bool = True) -> dict:
+    """One round with n real clients and the real server; returns its costs."""
+    codec = FixedPointCodec(
+        32,
+        SCALE_CLIP,
+        auto_scale(32, SCALE_CLIP, SCALE_MAX_CLIENTS, SCALE_MAX_WEIGHT),
+        SCALE_MAX_CLIENTS,
+        SCALE_MAX_WEIGHT,
+    )
+    params = ProtocolParams(codec, graph=graph, threshold=SCALE_THRESHOLD)
+    rng = np.random.default_rng(seed)
+    nodes = sorted(int(v) for v in rng.choice(2**40, size=n, replace=False))  # arbitrary ids
+    dropped = {int(v) for v in rng.choice(nodes, size=round(SCALE_DROPOUT * n), replace=False)}
+    fed = SimulatedFederation(params, nodes)
+    reference = np.zeros(d + 1, dtype=codec.dtype)
+
+    def make_input(u: int) -> tuple[np.ndarray, int]:
+        """A float32 model update (local training's output) and its example count."""
+        r = np.random.default_rng([seed, u])
+        x, w = r.standard_normal(d, dtype=np.float32), int(r.integers(1, SCALE_MAX_WEIGHT))
+        reference[:] += codec.encode(x, w)  # the plain ring sum, outside the meter
+        return x, w
+
+    meter = Meter(trace_memory=trace_memory)
+    weighted, weight, server = fed.run_round_streaming(
+        1, nodes, make_input, d, drop={"masked-input": dropped}, meter=meter
+    )
+    ref_weighted, ref_weight = codec.decode(reference)
+    if fed.refusals or weight != ref_weight or not np.array_equal(weighted, ref_weighted):
+        raise AssertionError(f"n={n}: unmasked sum differs from the plain sum ({fed.refusals})")
+    survivors, lost = set(server.survivors), set(server.dropped)
+    k = params.degree(n)
+    pair_streams = sum(len(set(server.nbrs[u]) & survivors) for u in lost)
+    client_streams = [1 + len(set(server.nbrs[u]) & set(server.shared)) for u in survivors]
+    costs = [meter.parties[u] for u in survivors]
+    srv = meter.parties[SERVER]
+    return {
+        "n": n,
+        "d": d,
+        "graph": graph,
+        "dropout": SCALE_DROPOUT,
+        "k": k,
+        "t": params.round_threshold(n),
+        "survivors": len(survivors),
+        "dropped": len(lost),
+        "client_s": float(np.median([c.wall_s for c in costs])),
+        "client_cpu_s": float(np.median([c.cpu_s for c in costs])),
+        "client_p90_s": float(np.percentile([c.wall_s for c in costs], 90)),
+        "client_max_s": float(max(c.wall_s for c in costs)),
+        "client_peak_mb": float(np.median([c.peak_bytes for c in costs]) / MB)
+        if trace_memory
+        else None,
+        "client_streams": float(np.mean(client_streams)),
+        "server_s": srv.wall_s,
+        "server_cpu_s": srv.cpu_s,
+        "server_peak_mb": srv.peak_bytes / MB if trace_memory else None,
+        "server_streams": {
+            "inputs_added": len(survivors),
+            "self_masks": len(survivors),
+            "pair_masks": pair_streams,
+        },
+        "peak_mb": tracemalloc.get_traced_memory()[1] / MB if trace_memory else None,
+        # where the time goes: server seconds per stage, client seconds per call of a stage
+        "server_stage_s": {
+            st: c.wall_s for (kind, st), c in meter.stages.items() if kind == SERVER
+        },
+        "client_stage_s_mean": {
+            st: c.wall_s / c.calls for (kind, st), c in meter.stages.items() if kind != SERVER
+        },
+        "exact": True,
+    }
+
+
+def _fit(x: list[float], y: list[float]) -> dict:
+    """y = a + b x by least squares, with R^2 and the largest relative residual."""
+    xa, ya = np.asarray(x, float), np.asarray(y, float)
+    b, a = np.polyfit(xa, ya, 1)
+    pred = a + b * xa
+    ss = float(((ya - ya.mean()) ** 2).sum())
+    r2 = 1.0 - float(((ya - pred) ** 2).sum()) / ss if ss > 0 else 1.0
+    return {
+        "intercept_s": float(a),
+        "slope_s": float(b),
+        "r2": r2,
+        "max_rel_residual": float(np.max(np.abs(ya - pred) / ya)),
+    }
+
+
+def _loglog_slope(n: list[int], y: list[float]) -> float:
+    return float(np.polyfit(np.log(n), np.log(y), 1)[0])
+
+
+def _scale_point(n: int, d: int, graph: str, seed: int) -> dict:
+    """Times from an untraced round (tracemalloc slows Python-heavy stages ~3x), memory from
+    a traced rerun with the same seed: the same ids, graph and dropouts."""
+    gc.collect()
+    row = _scale_round(n, d, graph, seed, trace_memory=False)
+    gc.collect()
+    traced = _scale_round(n, d, graph, seed, trace_memory=True)
+    tracemalloc.stop()
+    for key in ("client_peak_mb", "server_peak_mb", "peak_mb"):
+        row[key] = traced[key]
+    row["traced_server_s"], row["traced_client_s"] = traced["server_s"], traced["client_s"]
+    print(
+        f"  {graph} n={n}: client {row['client_s']:.3f} s, server {row['server_s']:.3f} s, "
+        f"server peak {row['server_peak_mb']:.1f} MB",
+        flush=True,
+    )
+    return row
+
+
+def bench_scale(quick: bool) -> dict:
+    """The protocol core at 100/300/1000 clients x d = 1e6, sparse graph, 10% dropout."""
+    sizes, d = SCALE_QUICK if quick else (SCALE_CLIENTS, SCALE_DIM)
+    rows = [_scale_point(n, d, "sparse", SCALE_SEED + n) for n in sizes]
+    contrast = (
+        None
+        if quick
+        else _scale_point(
+            SCALE_CONTRAST_CLIENTS, d, "complete", SCALE_SEED + SCALE_CONTRAST_CLIENTS
+        )
+    )
+    ns = [r["n"] for r in rows]
+    server_streams = [
+        r["server_streams"]["self_masks"] + r["server_streams"]["pair_masks"] for r in rows
+    ]
+    fits: dict = {
+        "server_streams_model": "|survivors| self masks + sum over dropped u of "
+        "|N(u) & survivors| pair masks (~ |survivors| + k |dropped|), d words each",
+        "client_streams_model": "1 self mask + |N(u) & U1| pair masks (~ k + 1), d words each",
+        "n_squared_ratio": (ns[-1] / ns[0]) ** 2,
+        "server_streams_ratio": server_streams[-1] / server_streams[0],
+        "client_streams_ratio": rows[-1]["client_streams"] / rows[0]["client_streams"],
+    }
+    for unit in ("s", "cpu_s"):  # wall and CPU: CPU is what one core spent, load or not
+        client, server = [r[f"client_{unit}"] for r in rows], [r[f"server_{unit}"] for r in rows]
+        fits[f"client_{unit}_vs_streams"] = _fit([r["client_streams"] for r in rows], client)
+        fits[f"server_{unit}_vs_streams"] = _fit(server_streams, server)
+        fits[f"client_{unit}_loglog_slope_vs_n"] = _loglog_slope(ns, client)
+        fits[f"server_{unit}_loglog_slope_vs_n"] = _loglog_slope(ns, server)
+        fits[f"server_{unit}_ratio"] = server[-1] / server[0]
+        fits[f"client_{unit}_ratio"] = client[-1] / client[0]
+    out = {
+        "d": d,
+        "dropout": SCALE_DROPOUT,
+        "graph": "sparse",
+        "rows": rows,
+        "contrast_complete_graph": contrast,
+        "fits": fits,
+    }
+    biggest = rows[-1]
+    out["goal"] = {
+        "n": biggest["n"],
+        "server_s": biggest["server_s"],
+        "client_s": biggest["client_s"],
+        "server_goal_s": 10.0,
+        "client_goal_s": 2.0,
+        "met": biggest["server_s"] <= 10.0 and biggest["client_s"] <= 2.0,
+    }
+    print(
+        f"\n== Protocol core at scale: d = {d}, sparse graph, {SCALE_DROPOUT:.0%} dropout after "
+        "sharing (one round, every party real; seconds wall / CPU) =="
+    )
+    head = (
+        "graph",
+        "n",
+        "k",
+        "t",
+        "U2",
+        "drop",
+        "client s",
+        "cl cpu",
+        "server s",
+        "srv cpu",
+        "srv MB",
+        "cl MB",
+        "srv streams",
+    )
+    print(f"{head[0]:<9}" + "".join(f"{h:>10}" for h in head[1:-1]) + f"{head[-1]:>12}")
+    for r in [*rows, *([contrast] if contrast else [])]:
+        streams = r["server_streams"]["self_masks"] + r["server_streams"]["pair_masks"]
+        cells = (r["n"], r["k"], r["t"], r["survivors"], r["dropped"])
+        print(
+            f"{r['graph']:<9}"
+            + "".join(f"{c:>10d}" for c in cells)
+            + "".join(
+                f"{c:>10.3f}"
+                for c in (r["client_s"], r["client_cpu_s"], r["server_s"], r["server_cpu_s"])
+            )
+            + f"{r['server_peak_mb']:>10.1f}{r['client_peak_mb']:>10.1f}{streams:>12d}"
+        )
+    f = out["fits"]
+    for who in ("server", "client"):
+        for unit in ("s", "cpu_s"):
+            fit = f[f"{who}_{unit}_vs_streams"]
+            print(
+                f"{who} {unit:<5} = {fit['intercept_s']:.3f} + {fit['slope_s'] * 1e3:.3f} ms x "
+                f"streams (R^2 {fit['r2']:.3f}); x{f[f'{who}_{unit}_ratio']:.1f} from n={ns[0]} "
+                f"to n={ns[-1]} (streams x{f[f'{who}_streams_ratio']:.1f}, n^2 "
+                f"x{f['n_squared_ratio']:.0f}); log-log slope vs n "
+                f"{f[f'{who}_{unit}_loglog_slope_vs_n']:.2f}"
+            )
+    big = rows[-1]
+    print(
+        f"n={big['n']} server seconds by stage: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in big["server_stage_s"].items())
+    )
+    print(
+        f"n={big['n']} client seconds per call by stage: "
+        + ", ".join(f"{k} {v:.4f}" for k, v in big["client_stage_s_mean"].items())
+    )
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes and few repeats (~1 min)")
     ap.add_argument("--sections", default="shamir,core,rounds,ray")
+    ap.add_argument("--scale", action="store_true", help="run only the scale section")
     args = ap.parse_args()
-    sections = set(args.sections.split(","))
-    out: dict = {
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
-        "quick": args.quick,
-    }
+    sections = {"scale"} if args.scale else set(args.sections.split(","))
+    # Keep the keys of the sections not run this time (e.g. --scale alone).
+    out: dict = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    machine = {"python": platform.python_version(), "cpus": os.cpu_count()}
+    if sections != {"scale"}:
+        out["machine"], out["quick"] = machine, args.quick
+    if "scale" in sections:
+        out["scale"] = bench_scale(args.quick)
+        out["scale"]["machine"] = {**machine, "load_average_at_end": os.getloadavg()}
+        out["scale"]["quick"] = args.quick
     if "shamir" in sections:
         out["shamir"] = bench_shamir(args.quick)
         out["shamir_speedup_vs_pycryptodome"] = out["shamir"]["n=100,t=51"][
@@ -610,7 +860,8 @@ def main() -> None:
         later = {k: v["seconds_later_rounds"] for k, v in ray.items()}
         out["ray_ratio_ours_over_plain"] = later["ours-complete"] / later["plain"]
         out["ray_ratio_flower_over_ours"] = later["flower-secagg+"] / later["ours-complete"]
-    out["machine"]["load_average_at_end"] = os.getloadavg()
+    if sections != {"scale"}:
+        out["machine"]["load_average_at_end"] = os.getloadavg()
     print(
         "\n"
         + json.dumps({k: v for k, v in out.items() if "ratio" in k or "speedup" in k}, indent=1)

@@ -124,3 +124,42 @@ def test_lagrange_cache_hits():
     reconstruct(np.arange(1, 6), shares[:, :5])
     info = shamir._lagrange_at_zero.cache_info()
     assert info.hits >= 1 and info.misses == 1
+
+
+def test_reconstruct_many_with_a_holder_set_per_secret():
+    """Each secret from its own t holders (as under a sparse graph), in one call: equal to
+    reconstructing each alone; one wrong share changes only its own secret."""
+    n, t, count = 12, 5, 7
+    secrets = _secrets(count)
+    shares = split(secrets, n, t)  # (S, n, L)
+    rng = np.random.default_rng(0)
+    picks = np.stack([np.sort(rng.choice(n, size=t, replace=False)) for _ in range(count)])
+    ys = np.stack([shares[s, picks[s]] for s in range(count)])
+    assert np.array_equal(shamir.reconstruct_many(picks + 1, ys), secrets)
+    for s in range(count):
+        assert np.array_equal(reconstruct(picks[s] + 1, ys[s : s + 1])[0], secrets[s])
+    ys[3, 0, 0] ^= 1
+    try:
+        out = shamir.reconstruct_many(picks + 1, ys)
+    except ShamirError:  # the corrupted limb left the 31-bit range: detected outright
+        return
+    assert not np.array_equal(out[3], secrets[3])
+    assert np.array_equal(np.delete(out, 3, axis=0), np.delete(secrets, 3, axis=0))
+
+
+def test_reconstruct_many_rejects_bad_inputs():
+    shares = split(_secrets(2), 4, 2)
+    ys = shares[:, :2]
+    with pytest.raises(ShamirError, match="distinct"):
+        shamir.reconstruct_many(np.array([[1, 2], [3, 3]]), ys)
+    with pytest.raises(ShamirError, match="distinct"):
+        shamir.reconstruct_many(np.array([[1, 2], [0, 3]]), ys)
+    with pytest.raises(ShamirError, match="shape"):
+        shamir.reconstruct_many(np.array([1, 2]), ys)
+    with pytest.raises(ShamirError, match="field"):
+        shamir.reconstruct_many(np.array([[1, 2], [1, 2]]), np.full_like(ys, 2**32 - 1))
+
+
+def test_vectorised_inverse_matches_python_pow():
+    v = np.array([1, 2, 3, 12345, PRIME - 1, PRIME - 2], dtype=np.uint64)
+    assert shamir._inverse(v).tolist() == [pow(int(x), -1, PRIME) for x in v]

@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import yaml
 
@@ -76,3 +77,17 @@ def test_auto_weight_needs_max_num_examples():
         SecAggSettings(max_weight=0).validate({"num_clients": 5})
     codec = SecAggSettings(max_weight=500).protocol({}).codec
     assert codec.max_weight == 500 and codec.error_bound <= 1e-3
+
+
+@pytest.mark.parametrize("degree", [4, 8, 49])
+def test_one_partys_neighbours_equal_its_row_of_the_whole_graph(degree):
+    """What a client computes for itself alone is its row of the server's graph."""
+    ids = [int(v) for v in np.random.default_rng(degree).choice(10**9, size=50, replace=False)]
+    seed = os.urandom(32)
+    whole = graph.neighbours(seed, 2, ids, degree)
+    assert [graph.neighbours_of(seed, 2, ids, degree, u) for u in ids] == [whole[u] for u in ids]
+    if degree < len(ids) - 1:  # the test can fail: another round's graph is another row set
+        other = [graph.neighbours_of(seed, 3, ids, degree, u) for u in ids]
+        assert other != [whole[u] for u in ids]
+    with pytest.raises(ValueError, match="even"):
+        graph.neighbours_of(seed, 2, ids, 5, ids[0])

@@ -1,5 +1,7 @@
 """Protocol core with simulated parties: exact survivor sums under dropouts, aborts, pipelining."""
 
+import tracemalloc
+
 import numpy as np
 import pytest
 
@@ -8,7 +10,8 @@ from fedstack.strategies.secagg.client import ClientState, SecAggClient
 from fedstack.strategies.secagg.errors import SecAggAbort
 from fedstack.strategies.secagg.messages import STAGES
 from fedstack.strategies.secagg.params import ProtocolParams
-from fedstack.strategies.secagg.simulate import SimulatedFederation
+from fedstack.strategies.secagg.server import ServerRound
+from fedstack.strategies.secagg.simulate import SERVER, Meter, SimulatedFederation
 
 CLIP, MAX_CLIENTS, MAX_WEIGHT = 3.0, 64, 1000
 CODEC = FixedPointCodec(
@@ -23,7 +26,7 @@ def _inputs(nodes, seed=0, d=D):
 
 
 def _exact_sum(inputs, members):
-    """The plaintext ring sum the protocol must reproduce exactly."""
+    """The plaintext ring sum the protocol must reproduce exactly (d = D)."""
     total = np.zeros(D + 1, dtype=CODEC.dtype)
     for u in members:
         total += CODEC.encode(*inputs[u])
@@ -133,3 +136,55 @@ def test_client_never_reuses_keys_across_rounds_or_after_sharing():
     with pytest.raises(ValueError, match="already used or the round is closed"):
         client.advertise(1)
     assert client.advertise(3).mask_pk != first[1].mask_pk
+
+
+def test_streaming_round_is_exact_and_meters_each_party():
+    """Inputs made on demand, masked inputs summed as they arrive: the exact survivor sum
+    under a sparse graph with dropouts after sharing; the server holds O(d), not n * d."""
+    params = ProtocolParams(CODEC, graph="sparse", neighbours=6, threshold=0.6)
+    nodes = list(range(1, 41))
+    d = 50_000
+    inputs = _inputs(nodes, seed=3, d=d)
+    dropped = {4, 17, 33}
+    made: list[int] = []
+
+    def make_input(u):
+        made.append(u)
+        return inputs[u]
+
+    fed = SimulatedFederation(params, nodes)
+    meter = Meter(trace_memory=True)
+    try:
+        weighted, weight, server = fed.run_round_streaming(
+            1, nodes, make_input, d, drop={"masked-input": dropped}, meter=meter
+        )
+    finally:
+        tracemalloc.stop()
+    assert sorted(made) == server.survivors and server.dropped == sorted(dropped)
+    total = np.zeros(d + 1, dtype=CODEC.dtype)
+    for u in made:
+        total += CODEC.encode(*inputs[u])
+    ref_w, ref_n = CODEC.decode(total)
+    assert weight == ref_n and np.array_equal(weighted, ref_w)
+    # each survivor metered over its 4 stages, each dropout over advertise + share
+    assert {meter.parties[u].calls for u in made} == {4}
+    assert {meter.parties[u].calls for u in dropped} == {2}
+    srv = meter.parties[SERVER]
+    assert srv.wall_s > 0 and srv.cpu_s > 0
+    vector = (d + 1) * CODEC.dtype.itemsize
+    # holding every masked input would be 37 vectors; the running sum plus PRG blocks is ~2
+    assert vector <= srv.peak_bytes < 4 * vector
+    assert all(meter.parties[u].peak_bytes >= vector for u in made)  # its own masked vector
+
+
+def test_client_state_after_masking_grows_with_k_not_n():
+    """Between masking and unmasking a client keeps U1 ∩ its neighbourhood, not all of U1."""
+    params = ProtocolParams(CODEC, graph="sparse", neighbours=4, threshold=0.6)
+    nodes = list(range(1, 61))
+    fed = SimulatedFederation(params, nodes)
+    server = ServerRound(1, params, D + 1, fed.advertise(1, nodes))
+    reqs = server.share_requests()
+    mreqs = server.receive_shares({u: fed.call(u, lambda c, r=reqs[u]: c.share(r)) for u in nodes})
+    fed.call(1, lambda c: c.mask(mreqs[1], np.zeros(D), 1))
+    rec = ClientState.from_bytes(fed.states[1]).rounds["1"]
+    assert rec.shared == sorted([*server.nbrs[1], 1])

@@ -191,3 +191,32 @@ def test_more_participants_than_the_no_wrap_bound_are_refused():
     client = SecAggClient(small, ClientState.from_bytes(fed.states[10]))
     with pytest.raises(ProtocolViolation, match="max_clients"):
         client.share(honest.share_requests()[10])
+
+
+def test_masked_inputs_one_at_a_time_duplicates_and_late_ones_rejected():
+    rnd = Round()
+    mreqs = rnd.server.receive_shares(rnd.share_replies)
+    masked = {u: rnd.fed.call(u, lambda c, q=mreqs[u]: c.mask(q, np.zeros(D), 1)) for u in NODES}
+    assert rnd.server.add_masked(10, masked[10])
+    assert not rnd.server.add_masked(10, masked[10])  # added twice would corrupt the sum
+    assert "second masked input" in rnd.server.rejected[10]
+    for u in NODES[1:4]:
+        assert rnd.server.add_masked(u, masked[u])
+    ureqs = rnd.server.close_masked()
+    assert sorted(ureqs) == rnd.server.survivors == NODES[:4] and rnd.server.dropped == [50]
+    with pytest.raises(ProtocolViolation, match="late or replayed"):
+        rnd.server.add_masked(50, masked[50])
+
+
+def test_unmask_reply_with_a_share_outside_the_field_is_rejected():
+    rnd = Round()
+    mreqs = rnd.server.receive_shares(rnd.share_replies)
+    masked = {u: rnd.fed.call(u, lambda c, q=mreqs[u]: c.mask(q, np.zeros(D), 1)) for u in NODES}
+    ureqs = rnd.server.receive_masked(masked)
+    replies = {u: rnd.fed.call(u, lambda c, q=ureqs[u]: c.unmask(q)) for u in NODES}
+    bad = dict(replies[20].self_shares)
+    bad[30] = np.full_like(bad[30], 2**32 - 1)  # >= the Shamir prime
+    replies[20] = replace(replies[20], self_shares=bad)
+    total = rnd.server.receive_unmask(replies)  # 4 honest replies >= t = 3: still exact
+    assert "self-mask share of 30" in rnd.server.rejected[20]
+    assert np.array_equal(total, np.zeros(D + 1, np.uint32) + CODEC.encode(np.zeros(D), 5))

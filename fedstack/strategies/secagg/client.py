@@ -18,7 +18,7 @@ import numpy as np
 
 from fedstack.crypto.aead import AeadError, associated_data, open_sealed, seal
 from fedstack.crypto.keys import KEY_BYTES, KeyPair, derive_key, pair_keys
-from fedstack.crypto.prg import expand
+from fedstack.crypto.prg import accumulate
 from fedstack.crypto.quantise import ring_reduce
 from fedstack.crypto.shamir import SECRET_BYTES, SHARE_BYTES, split
 
@@ -72,7 +72,7 @@ class RoundRecord:
     peer_mask_pk: dict[str, str] = field(default_factory=dict)
     peer_enc_pk: dict[str, str] = field(default_factory=dict)
     shares: dict[str, str] = field(default_factory=dict)  # owner -> b64(self share || key share)
-    shared: list[int] = field(default_factory=list)  # U1 as told by the server
+    shared: list[int] = field(default_factory=list)  # U1 ∩ (neighbours + self), from the server
     threshold: int = 0  # t of the round, fixed when sharing
 
 
@@ -168,9 +168,9 @@ class SecAggClient:
             t = self.params.round_threshold(n)
         except ValueError as exc:
             raise ProtocolViolation(f"node {self.node}: refusing round with n={n}: {exc}") from exc
-        nbrs = graph.neighbours(req.seed, req.round_num, participants, self.params.degree(n))[
-            self.node
-        ]
+        nbrs = graph.neighbours_of(
+            req.seed, req.round_num, participants, self.params.degree(n), self.node
+        )
         expected = sorted([*nbrs, self.node])
         if sorted(int(k) for k in req.keys) != expected:
             raise ProtocolViolation(
@@ -263,12 +263,6 @@ class SecAggClient:
             rec.shares[str(v)] = _b64(pt[SHARE_HEADER_BYTES:])
         codec = self.params.codec
         words = codec.encode(values, weight)
-        words += expand(
-            derive_key(_unb64(rec.self_seed), PURPOSE_SELF_MASK, req.round_num, (self.node,)),
-            words.size,
-            words.dtype,
-            self.params.prg,
-        )
         seeds = pair_keys(
             _unb64(rec.mask_sk),
             self.node,
@@ -276,15 +270,14 @@ class SecAggClient:
             PURPOSE_MASK,
             req.round_num,
         )
-        for v in live:
-            stream = expand(seeds[v], words.size, words.dtype, self.params.prg)
-            if self.node < v:
-                words += stream
-            else:
-                words -= stream
+        self_key = derive_key(_unb64(rec.self_seed), PURPOSE_SELF_MASK, req.round_num, (self.node,))
+        # + PRG(b_u), then +PRG(s_uv) if u < v else -PRG(s_uv): all k + 1 streams in one pass.
+        streams = [(self_key, 1)] + [(seeds[v], 1 if self.node < v else -1) for v in live]
+        accumulate(words, streams, self.params.prg)
         ring_reduce(words, codec.bits)
         rec.stage = REC_MASKED
-        rec.shared = shared
+        # Only U1 ∩ the neighbourhood is needed again: the state stays O(k), not O(n).
+        rec.shared = sorted([*live, self.node])
         self._close_before(req.round_num)
         return MaskedInput(self.node, req.round_num, words)
 

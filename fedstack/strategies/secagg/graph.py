@@ -34,10 +34,29 @@ def neighbours(
     if degree % 2:
         raise ValueError(f"sparse degree must be even, got {degree}")
     order = ring_order(seed, round_num, participants)
-    half = degree // 2
-    out: dict[int, list[int]] = {}
-    for pos, u in enumerate(order):
-        near = {order[(pos + d) % n] for d in range(1, half + 1)}
-        near |= {order[(pos - d) % n] for d in range(1, half + 1)}
-        out[u] = sorted(near)
-    return out
+    return {u: _ring_neighbours(order, pos, degree) for pos, u in enumerate(order)}
+
+
+def neighbours_of(
+    seed: bytes, round_num: int, participants: list[int], degree: int, node: int
+) -> list[int]:
+    """``neighbours(...)[node]`` without building every party's list.
+
+    Why: a client needs only its own neighbourhood; building all n lists is O(n k) Python
+    work per client per round, which at n = 1000 cost more than its k Shamir shares.
+    """
+    n = len(participants)
+    if degree >= n - 1:
+        return sorted(v for v in participants if v != node)
+    if degree % 2:
+        raise ValueError(f"sparse degree must be even, got {degree}")
+    order = ring_order(seed, round_num, participants)
+    return _ring_neighbours(order, order.index(node), degree)
+
+
+def _ring_neighbours(order: list[int], pos: int, degree: int) -> list[int]:
+    """The degree/2 ring neighbours on each side of position ``pos``, sorted."""
+    n, half = len(order), degree // 2
+    near = {order[(pos + d) % n] for d in range(1, half + 1)}
+    near |= {order[(pos - d) % n] for d in range(1, half + 1)}
+    return sorted(near)

@@ -26,7 +26,7 @@ from .messages import (
     UnmaskReply,
     UnmaskRequest,
     check_bytes,
-    check_share,
+    check_shares,
 )
 
 Wire = dict[str, int | bytes | str]
@@ -182,10 +182,12 @@ def _unpack_shares(wire: Mapping, kind: str) -> dict[int, np.ndarray]:
     blobs = _chunks(
         wire.get(f"urep.{kind}_shares"), SHARE_BYTES, len(owners), f"urep.{kind}_shares"
     )
-    return {
-        v: check_share(np.frombuffer(b, dtype="<u4").astype(np.uint32), f"{kind} share of {v}")
+    shares = {
+        v: np.frombuffer(b, dtype="<u4").astype(np.uint32)
         for v, b in zip(owners, blobs, strict=True)
     }
+    check_shares(shares, f"{kind} share of")
+    return shares
 
 
 def encode_unmask_reply(rep: UnmaskReply) -> Wire:
