@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.local_superlink import stop_local_superlink
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
@@ -80,19 +80,10 @@ def test_flwr_run_dot(tmp_path: Path) -> None:
              "--federation-config", "num-supernodes=3 client-resources-num-cpus=1"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     finally:
-        _stop_local_superlink(home)
+        stop_local_superlink(home)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     summary = json.loads((tmp_path / "outputs" / "via-flwr" / "summary.json").read_text())
     assert summary["rounds_completed"] == 2 and summary["task"] == "breast_cancer"
     assert summary["final_accuracy"] > 0.8
     assert "test acc" in out  # the per-round table reached the streamed log
-
-
-def _stop_local_superlink(home: Path) -> None:
-    """Kill the detached SuperLink that `flwr run` started (found by its private FLWR_HOME)."""
-    found = subprocess.run(["pgrep", "-f", f"{home}/local-superlink"], capture_output=True,
-                           text=True)
-    for pid in found.stdout.split():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGTERM)

@@ -9,17 +9,17 @@ in-process under every layer by tests/test_task_plugin.py.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.local_superlink import stop_local_superlink
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
@@ -33,15 +33,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def _stop_local_superlink(home: Path) -> None:
-    """Kill the detached SuperLink that `flwr run` started (found by its private FLWR_HOME)."""
-    found = subprocess.run(["pgrep", "-f", f"{home}/local-superlink"], capture_output=True,
-                           text=True)
-    for pid in found.stdout.split():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(int(pid), signal.SIGTERM)
 
 
 def _summary(outputs: Path, name: str) -> dict:
@@ -79,7 +70,7 @@ def test_example_project_runs_under_both_ways_in(tmp_path: Path) -> None:
              "--federation-config", "num-supernodes=2 client-resources-num-cpus=1"],
             cwd=project, env=env, capture_output=True, text=True, timeout=400)
     finally:
-        _stop_local_superlink(home)
+        stop_local_superlink(home)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
     for name in ("via-fedstack", "via-flwr"):

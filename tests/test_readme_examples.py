@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.local_superlink import stop_local_superlink
+
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
 #: The README section whose code block is executed.
@@ -38,10 +40,6 @@ def fast(script: str, base: Path) -> str:
                     r"\1 num_rounds=1\2", script, flags=re.M)
     return script.replace("$PWD/.flwr-home", str(base / ".flwr-home")).replace(
         "FEDSTACK_OUTPUT_BASE=$PWD", f"FEDSTACK_OUTPUT_BASE={base}")
-
-
-def stop_superlink(flwr_home: Path) -> None:
-    subprocess.run(["pkill", "-f", f"[f]lower-superlink.*{flwr_home}"], check=False)
 
 
 def summaries(base: Path) -> dict[str, dict]:
@@ -68,7 +66,7 @@ def test_readme_running_examples(tmp_path: Path) -> None:
         proc = subprocess.run(["bash", "-euo", "pipefail", "-c", fast(block, tmp_path)],
                               cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     finally:
-        stop_superlink(tmp_path / ".flwr-home")
+        stop_local_superlink(tmp_path / ".flwr-home")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     runs = summaries(tmp_path)
     assert {"bc-flwr", "bc"} <= set(runs) and len(runs) == 4, sorted(runs)
@@ -87,7 +85,7 @@ def test_make_run_fails_when_the_run_fails(tmp_path: Path) -> None:
              "RUN_CONFIG=overrides='num_rounds=1 num_clients=3'"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     finally:
-        stop_superlink(tmp_path / ".flwr-home")
+        stop_local_superlink(tmp_path / ".flwr-home")
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
     assert "num_clients=3 but the simulation has 5 SuperNodes" in out, out[-3000:]

@@ -279,8 +279,9 @@ def _missing_itself(exc: ModuleNotFoundError, name: str) -> bool:
     return bool(missing) and (name == missing or name.startswith(missing + "."))
 
 
-def _import(name: str, key: str) -> ModuleType:
-    """Import `name`; if it is not on sys.path, try the current directory (fedstack run)."""
+def _try_import(name: str, key: str) -> ModuleType | None:
+    """The module, or None if `name` itself is not found (a module it imports that is
+    missing is an error of its own, named as such)."""
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
@@ -289,18 +290,21 @@ def _import(name: str, key: str) -> ModuleType:
                 f"{key}={name!r}: importing it failed, a module it imports is "
                 f"missing ({exc}); install it in this environment"
             ) from exc
+    return None
+
+
+def _import(name: str, key: str) -> ModuleType:
+    """Import `name`; if it is not on sys.path, try the current directory (fedstack run)."""
+    module = _try_import(name, key)
+    if module is not None:
+        return module
     cwd = os.getcwd()
     if cwd not in sys.path:
         sys.path.append(cwd)
         importlib.invalidate_caches()
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if not _missing_itself(exc, name):
-                raise TaskError(
-                    f"{key}={name!r}: importing it failed, a module it imports "
-                    f"is missing ({exc}); install it in this environment"
-                ) from exc
+        module = _try_import(name, key)
+        if module is not None:
+            return module
     raise TaskError(
         f"{key}={name!r}: no such module on this node's Python path or in the "
         f"current directory {cwd}. Run from your project directory (`fedstack "
