@@ -19,8 +19,32 @@ Sections (measured side by side in this one run):
               rounds 2.. : round 1 pays Ray's start-up). Central evaluation is off in both
               runs (HE cannot have it), so the ratio is the protocol's cost.
 
+  scale       server aggregation at real sizes (d = 1e6 and the ResNet-18-GN's d ~ 11.2M),
+              K = 10 replies, ours vs NVFlare's parameters measured in the same run: seconds
+              from the replies' wire bytes to the aggregate's wire bytes (ours: wire parsing
+              and digest, validation, seed expansion, sum, bit-packing; NVFlare: TenSEAL
+              deserialise, multiply by the weight, add, serialise), process CPU seconds (shows
+              threads), bytes per parameter up/down, and whether the aggregate decrypts to the
+              exact weighted mean within its bound. Rows:
+                ours              "prg" uplink (c1 from a public AES key, `prg_form`),
+                                  limb-wise NumPy sum (`rns_add`), default threads, each
+                                  reply's SHA-256 checked while it is summed
+                ours/digest-first the same, SHA-256 checked before the sum (from_arrays'
+                                  default, what the strategy does unless told otherwise)
+                ours/1-thread     digest first, one worker thread: no concurrency at all
+                ours/seal-seeded  SEAL's own seeded uplink, same limb-wise sum: its c1 must be
+                                  expanded with SEAL's BLAKE2xb (d = 1e6 only)
+                ours/seal-add     SEAL-seeded replies, every ciphertext through SEAL's loader
+                                  and Evaluator (the previous server path; d = 1e6 only)
+                nvflare           as in `primitives`
+              Timed rows run 3 times, alternating, and keep the median (NVFlare twice at
+              11M: ~40 s a run). Our replies are all fresh encryptions; to save memory and
+              NVFlare's ~100 s per encryption at 11M, the plaintext vectors (and NVFlare's
+              ciphertexts) cycle over a few distinct ones; the server's work does not depend
+              on the values. Results under "aggregate_at_scale".
+
 Prints tables and writes benchmarks/results/he.json.
-Usage: python benchmarks/he.py [--quick] [--sections primitives,rounds]
+Usage: python benchmarks/he.py [--quick] [--sections primitives,rounds,scale]
 """
 
 from __future__ import annotations
@@ -32,6 +56,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +66,7 @@ sys.path.insert(0, str(ROOT))
 
 from fedstack.strategies.he.ckks import (  # noqa: E402
     EncryptedSum,
+    EncryptedVector,
     decrypt_mean,
     encrypt_update,
 )
@@ -269,6 +295,176 @@ def bench_rounds(quick: bool) -> dict:
     return result
 
 
+SCALE_K = 10
+SCALE_1E6 = 1_000_000
+SCALE_REPS = 3
+
+
+def resnet18_gn_size() -> int:
+    """Parameters of the built-in ResNet-18-GN for 3x32x32 images and 10 classes."""
+    from fedstack.task.resnet import ResNet18GN
+
+    return sum(p.numel() for p in ResNet18GN((3, 32, 32), 10).parameters())
+
+
+def _timed(fn):
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w0, time.process_time() - c0
+
+
+def scale_ours(ctx, wires, weights, vectors, *, name: str, backend: str,
+               threads: int | None, verify: bool, digest_first: bool = False) -> dict:
+    """Server aggregation from wire arrays to wire arrays; optionally decrypt and compare.
+
+    `digest_first`: check each reply's SHA-256 before summing it (`from_arrays`' default);
+    otherwise the sum checks it concurrently (`from_arrays(verify_digest=False)`).
+    """
+    d = vectors[0].size
+    public = ctx.public_only()
+    scale_bits = HESettings().effective_scale_bits()
+
+    def run():
+        acc = EncryptedSum(public, dim=d, scale_bits=scale_bits, max_terms=100,
+                           backend=backend, threads=threads)
+        try:
+            for w in wires:
+                acc.add(EncryptedVector.from_arrays(w, verify_digest=digest_first))
+            return acc.result().to_arrays(), acc
+        finally:
+            acc.close()
+
+    (down, acc), wall, cpu = _timed(run)
+    row = {
+        "scheme": name,
+        "threads": acc._limbs.threads if acc._limbs is not None else 1,
+        "aggregate_s": wall,
+        "aggregate_cpu_s": cpu,
+        "bytes_per_param_up": statistics.mean(sum(a.nbytes for a in w.values())
+                                              for w in wires) / d,
+        "bytes_per_param_down": sum(a.nbytes for a in down.values()) / d,
+        "max_error": None,
+        "error_bound": None,
+    }
+    if verify:
+        res = decrypt_mean(ctx, EncryptedVector.from_arrays(down), max_weight=MAX_WEIGHT,
+                           max_abs_value=MAX_ABS)
+        row["max_error"] = float(np.max(np.abs(res.mean - reference(vectors, weights))))
+        row["error_bound"] = res.error_bound
+    return row
+
+
+def scale_nvflare(blobs, weights, vectors, ctx, server_ctx, *, verify: bool) -> dict:
+    import tenseal as ts
+
+    d = vectors[0].size
+
+    def run():
+        total = None
+        for blob, w in zip(blobs, weights, strict=True):
+            term = ts.ckks_vector_from(server_ctx, blob) * float(w)
+            total = term if total is None else total + term
+        return total.serialize()
+
+    down, wall, cpu = _timed(run)
+    row = {"scheme": "nvflare", "threads": None, "aggregate_s": wall, "aggregate_cpu_s": cpu,
+           "bytes_per_param_up": statistics.mean(len(b) for b in blobs) / d,
+           "bytes_per_param_down": len(down) / d, "max_error": None, "error_bound": None}
+    if verify:
+        mean = np.array(ts.ckks_vector_from(ctx, down).decrypt()) / float(sum(weights))
+        row["max_error"] = float(np.max(np.abs(mean - reference(vectors, weights))))
+    return row
+
+
+def _fresh_replies(ctx, vectors, weights, scale_bits: int, kind: str) -> list[dict]:
+    """One fresh encryption per reply (fresh noise each: the decrypted sum's check slots are
+    only within their bound for independent noise), even where plaintext vectors repeat."""
+    return [encrypt_update(ctx, v, w, scale_bits=scale_bits, max_abs_value=MAX_ABS,
+                           max_weight=MAX_WEIGHT, kind=kind).to_arrays()
+            for v, w in zip(vectors, weights, strict=True)]
+
+
+def bench_scale(quick: bool) -> dict:
+    """Ours vs NVFlare's parameters at d = 1e6 and the ResNet-18-GN size (see docstring)."""
+    import tenseal as ts
+
+    sizes = [100_000] if quick else [SCALE_1E6, resnet18_gn_size()]
+    k = 4 if quick else SCALE_K
+    ctx = generate_keys(PRESETS["standard"])
+    scale_bits = HESettings().effective_scale_bits()
+    nv = ts.context(ts.SCHEME_TYPE.CKKS, NVFLARE_N, coeff_mod_bit_sizes=NVFLARE_BITS)
+    nv.global_scale = NVFLARE_SCALE
+    nv_server = ts.context_from(nv.serialize(save_secret_key=False))
+    out: dict = {"K": k, "quick": quick, "sizes": {}}
+    for d in sizes:
+        distinct = 3 if d <= SCALE_1E6 else 2
+        base, base_w = client_data(d, distinct, seed=d)
+        vectors = [base[i % distinct] for i in range(k)]
+        ours_w = [base_w[i % distinct] for i in range(k)]  # baked into each encryption
+        nv_w = [int(w) for w in np.random.default_rng(d).integers(50, 2000, k)]
+        wires = _fresh_replies(ctx, vectors, ours_w, scale_bits, "prg")
+        # NVFlare's encryption takes ~100 s per client at 11M: one distinct reply there.
+        nv_distinct = distinct if d <= SCALE_1E6 else 1
+        nv_enc = [ts.ckks_vector(nv, v.tolist()).serialize() for v in base[:nv_distinct]]
+        nv_blobs = [nv_enc[i % nv_distinct] for i in range(k)]
+        nv_vectors = [base[i % nv_distinct] for i in range(k)]
+        ours = partial(scale_ours, ctx, wires, ours_w, vectors, backend="limbs")
+        # (row, function of verify, repetitions): rows alternate within each repetition (the
+        # machine's load drifts) and keep the median; the first run of a row verifies.
+        specs = [
+            ("ours", partial(ours, name="ours", threads=None), SCALE_REPS),
+            ("nvflare", partial(scale_nvflare, nv_blobs, nv_w, nv_vectors, nv, nv_server),
+             SCALE_REPS if d <= SCALE_1E6 else SCALE_REPS - 1),
+            ("ours/digest-first", partial(ours, name="ours/digest-first", threads=None,
+                                          digest_first=True), SCALE_REPS),
+            ("ours/1-thread", partial(ours, name="ours/1-thread", threads=1,
+                                      digest_first=True), SCALE_REPS),
+        ]
+        by_name: dict[str, dict] = {}
+        for rep in range(1 if quick else SCALE_REPS):
+            for name, run, reps in specs:
+                if rep < reps:
+                    row = run(verify=rep == 0 and name in ("ours", "nvflare"))
+                    by_name.setdefault(name, {**row, "aggregate_s_runs": []})
+                    by_name[name]["aggregate_s_runs"].append(row["aggregate_s"])
+        rows = list(by_name.values())
+        for r in rows:
+            r["aggregate_s"] = statistics.median(r["aggregate_s_runs"])
+        if d <= SCALE_1E6:
+            # SEAL's own seeded uplink through the same sum, and the previous server path.
+            seal_wires = _fresh_replies(ctx, vectors, ours_w, scale_bits, "seeded")
+            rows.append(scale_ours(ctx, seal_wires, ours_w, vectors, name="ours/seal-seeded",
+                                   backend="limbs", threads=None, verify=True))
+            rows.append(scale_ours(ctx, seal_wires, ours_w, vectors, name="ours/seal-add",
+                                   backend="seal", threads=None, verify=False))
+            del seal_wires
+        del wires, nv_enc, nv_blobs
+        nv_s = next(r["aggregate_s"] for r in rows if r["scheme"] == "nvflare")
+        for r in rows:
+            r["speedup_vs_nvflare"] = nv_s / r["aggregate_s"]
+        out["sizes"][str(d)] = {"distinct_vectors": distinct,
+                                "nvflare_distinct_encryptions": nv_distinct, "rows": rows}
+        print(f"\nserver aggregation, d={d:,}, K={k} replies ({distinct} distinct vectors, "
+              f"{nv_distinct} distinct NVFlare encryptions)")
+        print(f"{'scheme':<18} {'threads':>7} {'agg s':>8} {'cpu s':>8} {'vs nvflare':>10} "
+              f"{'up B/p':>7} {'down B/p':>8} {'max err':>9}")
+        for r in rows:
+            err = f"{r['max_error']:9.2e}" if r["max_error"] is not None else f"{'-':>9}"
+            print(f"{r['scheme']:<18} {r['threads'] or '-':>7} {r['aggregate_s']:8.3f} "
+                  f"{r['aggregate_cpu_s']:8.3f} {r['speedup_vs_nvflare']:9.1f}x "
+                  f"{r['bytes_per_param_up']:7.2f} {r['bytes_per_param_down']:8.2f} {err}")
+    def speedups(scheme: str) -> dict[str, float]:
+        return {d: next(r for r in v["rows"] if r["scheme"] == scheme)["speedup_vs_nvflare"]
+                for d, v in out["sizes"].items()}
+
+    # What the strategy runs today (records.encrypted_from_record checks the digest first),
+    # and with the digest checked during the sum (from_arrays(verify_digest=False)).
+    out["he_aggregate_speedup_vs_nvflare"] = speedups("ours/digest-first")
+    out["he_aggregate_speedup_vs_nvflare_digest_during_sum"] = speedups("ours")
+    out["he_aggregate_speedup_vs_nvflare_one_thread"] = speedups("ours/1-thread")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="d=1e5 only, K=5, fewer rounds")
@@ -298,6 +494,8 @@ def main() -> None:
             "aggregate_speedup_vs_nvflare": nv["aggregate_s"] / ours["aggregate_s"],
             "max_error": ours["max_error"],
         })
+    if "scale" in sections:
+        results["aggregate_at_scale"] = bench_scale(args.quick)
     if "rounds" in sections:
         rounds = bench_rounds(args.quick)
         results["rounds"] = rounds

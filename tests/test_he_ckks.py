@@ -177,6 +177,28 @@ def replies(keys):
     return vecs, out
 
 
+@pytest.fixture(scope="module")
+def seal_replies(keys, replies):
+    """The same updates as SEAL's own seeded ciphertexts (SEAL headers, SEAL's loader)."""
+    vecs, _ = replies
+    out = [
+        encrypt_update(keys[DEFAULT_PRESET], v, 10 + i, scale_bits=30, max_abs_value=MAX_ABS,
+                       max_weight=MAX_WEIGHT, kind="seeded")
+        for i, v in enumerate(vecs)
+    ]
+    return vecs, out
+
+
+def test_default_uplink_is_prg_within_the_byte_budget(replies, seal_replies):
+    _, out = replies
+    assert {r.kind for r in out} == {"prg"}
+    assert {r.kind for r in seal_replies[1]} == {"seeded"}
+    assert out[0].nbytes < seal_replies[1][0].nbytes  # smaller than SEAL's seeded form
+    # Bytes per value slot (what a large model pays per parameter): 7-byte c0 + the key.
+    slots = out[0].count * (PRESETS[DEFAULT_PRESET].slots - 1)
+    assert 14.0 < out[0].nbytes / slots <= 14.1
+
+
 def _arrays(ev: EncryptedVector) -> dict[str, np.ndarray]:
     return {k: v.copy() for k, v in ev.to_arrays().items()}
 
@@ -208,16 +230,23 @@ def test_reply_under_another_key_is_rejected(keys, replies):
         acc.add(EncryptedVector.from_arrays(foreign.to_arrays()))
 
 
-def test_reply_under_another_preset_with_forged_fingerprint_is_rejected(keys, replies):
+@pytest.mark.parametrize(("kind", "match"), [("seeded", r"deserialise|parameter level"),
+                                           ("prg", "another preset")])
+def test_reply_under_another_preset_with_forged_fingerprint_is_rejected(keys, replies, kind,
+                                                                         match):
     ctx = keys[DEFAULT_PRESET]
     vec = replies[0][0]
     foreign = encrypt_update(keys["precise"], vec, 3, scale_bits=30, max_abs_value=MAX_ABS,
-                             max_weight=MAX_WEIGHT)
-    # Same number of ciphertexts (same N), fingerprint forged to ours: SEAL's loader refuses.
+                             max_weight=MAX_WEIGHT, kind=kind)
+    # Same number of ciphertexts (same N), fingerprint forged to ours: the parameter id (SEAL
+    # form) or the coefficient width of the other prime (prg form) gives it away.
     arrays = _with_meta(_arrays(foreign), fingerprint=ctx.fingerprint)
-    acc = _sum(ctx)
-    with pytest.raises(CiphertextError, match=r"deserialise|parameter level"):
-        acc.add(EncryptedVector.from_arrays(arrays))
+    for backend in ("limbs", "seal"):
+        acc = EncryptedSum(ctx.public_only(), dim=4500, scale_bits=30, max_terms=100,
+                           backend=backend)
+        with pytest.raises(CiphertextError, match=match if backend == "limbs" or kind == "seeded"
+                           else "bytes, expected"):
+            acc.add(EncryptedVector.from_arrays(arrays))
 
 
 def test_truncated_reply_is_rejected(keys, replies):
@@ -234,15 +263,20 @@ def test_truncated_reply_is_rejected(keys, replies):
         _sum(keys[DEFAULT_PRESET]).add(ev)
 
 
-def test_tampered_reply_is_rejected(keys, replies):
+def test_tampered_reply_is_rejected(keys, replies, seal_replies):
     arrays = _arrays(replies[1][0])
     arrays["he.blob"][500] ^= 0x01
     with pytest.raises(CiphertextError, match="digest"):
         EncryptedVector.from_arrays(arrays)
     # Header tampered and the digest recomputed: structure checks still refuse it.
-    arrays = _arrays(replies[1][0])
+    arrays = _arrays(seal_replies[1][0])
     arrays["he.blob"][0] ^= 0xFF
     with pytest.raises(CiphertextError, match="magic"):
+        _sum(keys[DEFAULT_PRESET]).add(EncryptedVector.from_arrays(_fix_digest(arrays)))
+    # prg form: a coefficient pushed above its prime (7 bytes of 0xFF > the 55-bit prime).
+    arrays = _arrays(replies[1][0])
+    arrays["he.blob"][40:47] = 0xFF
+    with pytest.raises(CiphertextError, match=r"ciphertext 0: .*modulus"):
         _sum(keys[DEFAULT_PRESET]).add(EncryptedVector.from_arrays(_fix_digest(arrays)))
 
 
