@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.local_superlink import stop_local_superlink
+from tests.local_superlink import local_flwr_env, stop_local_superlink
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
@@ -54,24 +52,10 @@ def test_cli_rejects_bad_config_before_starting(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("outputs/*"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_flwr_run_dot(tmp_path: Path) -> None:
     """The README's way in: `flwr run . --stream` on a local SuperLink we start and stop."""
     home = tmp_path / "flwr-home"
-    env = dict(os.environ,
-               FLWR_HOME=str(home),
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
-               FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),
-               FEDSTACK_OUTPUT_BASE=str(tmp_path),
-               PATH=f"{VENV_BIN}:{os.environ['PATH']}")
+    env = local_flwr_env(home, FEDSTACK_OUTPUT_BASE=str(tmp_path))
     run_config = ("task='breast_cancer' aggregation='fedavg' "
                   "overrides='num_rounds=2 num_clients=3 run_name=via-flwr'")
     try:

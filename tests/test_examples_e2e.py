@@ -10,16 +10,14 @@ in-process under every layer by tests/test_task_plugin.py.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.local_superlink import stop_local_superlink
+from tests.local_superlink import local_flwr_env, stop_local_superlink
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
@@ -27,12 +25,6 @@ EXAMPLE = REPO / "examples" / "my-project"
 VENV_BIN = Path(sys.executable).parent
 #: Images per class of the sample data (3 classes): small, a round takes seconds.
 PER_CLASS = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _summary(outputs: Path, name: str) -> dict:
@@ -48,12 +40,7 @@ def test_example_project_runs_under_both_ways_in(tmp_path: Path) -> None:
                     str(PER_CLASS)], cwd=project, check=True, capture_output=True, timeout=120)
     outputs = tmp_path / "outputs"
     home = tmp_path / "flwr-home"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLWR_", "PYTHONPATH"))}
-    env.update(FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(_free_port()),
-               FLWR_LOCAL_CONTROL_API_PORT=str(_free_port()),
-               PATH=f"{VENV_BIN}:{os.environ['PATH']}")
+    env = local_flwr_env(home)
     overrides = ["task.module=my_project.task", f"+task.options.data_dir={data}",
                  "num_clients=2", "num_rounds=1", f"output_dir={outputs}"]
 

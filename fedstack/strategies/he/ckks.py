@@ -437,6 +437,18 @@ class _Loader:
     def close(self) -> None:
         self.scratch.close()
 
+    def check_header(self, chunk: memoryview, index: int) -> int:
+        """A serialised SEAL ciphertext's size and header (version); its compression mode."""
+        if len(chunk) > self.max_seal_len:
+            raise CiphertextError(f"ciphertext {index}: {len(chunk)} bytes is too large")
+        try:
+            vmaj, vmin, compr, _ = parse_header(chunk)
+        except ValueError as exc:
+            raise CiphertextError(f"ciphertext {index}: {exc}") from None
+        if (vmaj, vmin) != self.ctx.seal_version:
+            raise CiphertextError(f"ciphertext {index}: SEAL version {vmaj}.{vmin}")
+        return compr
+
     def load(self, chunk: memoryview, kind: Kind, index: int) -> Any:
         """Chunk `index` of a message of `kind` as a validated SEAL ciphertext."""
         if kind == "packed":
@@ -444,14 +456,7 @@ class _Loader:
         elif kind == "prg":
             data = self._from_prg(chunk, index)
         else:
-            if len(chunk) > self.max_seal_len:
-                raise CiphertextError(f"ciphertext {index}: {len(chunk)} bytes is too large")
-            try:
-                vmaj, vmin, _, _ = parse_header(chunk)
-            except ValueError as exc:
-                raise CiphertextError(f"ciphertext {index}: {exc}") from None
-            if (vmaj, vmin) != self.ctx.seal_version:
-                raise CiphertextError(f"ciphertext {index}: SEAL version {vmaj}.{vmin}")
+            self.check_header(chunk, index)
             data = chunk
         ct = self.s.Ciphertext()
         try:
@@ -634,14 +639,7 @@ class EncryptedSum:
     def _add_limbs(self, ev: EncryptedVector, verify: Callable[[], None] | None) -> None:
         assert self._limbs is not None
         for i, chunk in enumerate(ev.chunks()):  # cheap pre-check: sizes and headers only
-            if len(chunk) > self._loader.max_seal_len:
-                raise CiphertextError(f"ciphertext {i}: {len(chunk)} bytes is too large")
-            try:
-                vmaj, vmin, compr, _ = parse_header(chunk)
-            except ValueError as exc:
-                raise CiphertextError(f"ciphertext {i}: {exc}") from None
-            if (vmaj, vmin) != self.ctx.seal_version:
-                raise CiphertextError(f"ciphertext {i}: SEAL version {vmaj}.{vmin}")
+            compr = self._loader.check_header(chunk, i)
             if not self._limbs.supports(compr):
                 raise CiphertextError(f"ciphertext {i}: unsupported compression mode {compr}")
         self._limbs.add(ev.blob, ev.lengths, verify)
