@@ -52,7 +52,7 @@ def run_in_simulation(cfg: Any, client_app: Any = None) -> dict[str, Any]:
     from fedstack.server_app import run_server
 
     # Checks that need no client run before the runtime boots (it takes 20 s or more).
-    check_run(cfg, deployment=False)
+    preflight = check_run(cfg, deployment=False)
     configure_console(cfg.log_level)
     if client_app is None:
         from fedstack.client_app import app as client_app
@@ -71,7 +71,7 @@ def run_in_simulation(cfg: Any, client_app: Any = None) -> dict[str, Any]:
     @server_app.main()
     def _main(grid: Grid, context: Any) -> None:
         try:
-            outcome["summary"] = run_server(grid, cfg)
+            outcome["summary"] = run_server(grid, cfg, preflight)
         except BaseException as exc:
             outcome["error"] = exc
             raise

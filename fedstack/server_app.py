@@ -33,7 +33,7 @@ from fedstack.outputs.run_directory import (
     load_checkpoint,
     new_run_dir,
 )
-from fedstack.preflight import check_run
+from fedstack.preflight import PreflightReport, check_run
 from fedstack.strategies import build_strategy, load_object
 from fedstack.strategies.runtime import is_deployment
 from fedstack.task.plugin import load_task, task_context
@@ -152,7 +152,8 @@ def build_listeners(
     return [ledger_cls(run_dir=run_dir, cfg=cfg, strategy=strategy, resume=resuming)]
 
 
-def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
+def run_server(grid: Grid, cfg: DictConfig,
+               preflight: PreflightReport | None = None) -> dict[str, Any]:
     """Run every round of a configured run; returns its summary (`status` says how it ended).
 
     Everything checkable is checked before anything is created: the config, the data and
@@ -161,7 +162,8 @@ def run_server(grid: Grid, cfg: DictConfig) -> dict[str, Any]:
     started, a failure is written to `summary.json` (status `failed`) and re-raised.
     """
     configure_console(cfg.log_level)
-    preflight = check_run(cfg, deployment=is_deployment(grid))
+    if preflight is None:  # `fedstack run` checked before the runtime booted
+        preflight = check_run(cfg, deployment=is_deployment(grid))
     wait_for_clients(grid, cfg)
     cfg, run_dir, first_round, arrays = prepare_run(cfg)
     logger.info("%s", preflight.summary())
