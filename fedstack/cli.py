@@ -8,6 +8,9 @@
     fedstack certs --out DIR --host NAME_OR_IP ... CA + SuperLink TLS certificate
     fedstack supernode-keys --out DIR NAME ...    SuperNode auth keys (P-384, OpenSSH)
     fedstack outcome RUN_DIR|DIR [--newer-than F] exit 0 iff the run(s) completed or stopped
+    fedstack identity new NAME --out DIR          a member's signing identity (Ed25519)
+    fedstack roster build A.pub B.pub ... --out roster.txt   the roster every node pins
+    fedstack roster show roster.txt               members and fingerprints of a roster
     fedstack --version                   versions of fedstack, Flower, PyTorch, Opacus, TenSEAL
 
 `fedstack run` exits 0 only when every run completed or stopped by design (summary.json's
@@ -31,6 +34,8 @@ SUBCOMMANDS: dict[str, str] = {
     "certs": "fedstack.deploy.cli:certs_main",
     "supernode-keys": "fedstack.deploy.cli:supernode_keys_main",
     "outcome": "fedstack.outputs.outcome:outcome_main",
+    "identity": "fedstack.consortium_cli:identity_main",
+    "roster": "fedstack.consortium_cli:roster_main",
 }
 #: CPUs reserved per simulated client (2 cores here: two clients train side by side).
 SIMULATION_CPUS_PER_CLIENT = 1

@@ -2,8 +2,10 @@
 
 Everything the multi-host README does, on 127.0.0.1 with free ports: a private CA and a
 SuperLink certificate, a SuperLink with TLS and `--enable-supernode-auth`, one registered
-ECDSA P-384 key per SuperNode, each SuperNode with its own node config, a connection in a
-temporary `$FLWR_HOME/config.toml`, and `flwr run . CONNECTION --stream`. Used by the tests
+ECDSA P-384 key per SuperNode, one consortium identity per SuperNode and the roster they all
+pin (`identity-key=... roster=...` in each node config, docs/consortium.md), each SuperNode
+with its own node config, a connection in a temporary `$FLWR_HOME/config.toml`, and
+`flwr run . CONNECTION --stream`. Used by the tests
 and benchmarks, and by a person who wants to try the deployment path:
 
     python -m fedstack.deploy.local --supernodes 3 \
@@ -35,6 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from fedstack.consortium import (
+    IDENTITY_KEY_NODE_KEY,
+    KEY_SUFFIX,
+    PUBLIC_SUFFIX,
+    ROSTER_FILE_NAME,
+    ROSTER_NODE_KEY,
+    Roster,
+    new_identity,
+)
 from fedstack.deploy.certs import make_certificates
 from fedstack.deploy.node_keys import NodeKey, make_node_key, register_node_key
 
@@ -59,6 +70,8 @@ STARTUP_TIMEOUT_S = 60.0
 SUPERLINK_GONE_GRACE_S = 5.0
 #: Run config keys the app declares (pyproject [tool.flwr.app.config]).
 OVERRIDES_KEY = "overrides"
+#: Node-config key of the policy's signature requirement (fedstack.policy).
+REQUIRE_SIGNATURES_KEY = "require-signatures"
 
 _LIVE: weakref.WeakSet[LocalDeployment] = weakref.WeakSet()
 
@@ -193,7 +206,11 @@ class LocalDeployment:
     def __init__(self, work_dir: Path | None = None, *, num_supernodes: int = 3,
                  node_config: Mapping[int, Mapping[str, Any]] | None = None,
                  app_dir: Path = REPO_ROOT, tls: bool = True, node_auth: bool = True,
-                 extra_env: Mapping[str, str] | None = None) -> None:
+                 extra_env: Mapping[str, str] | None = None, consortium: bool = True,
+                 require_signatures: bool | None = None) -> None:
+        """`consortium`: give each SuperNode of `start()` an identity and the shared roster.
+        `require_signatures`: the nodes' `require-signatures` policy key (None: unset, so a
+        node that pins the roster requires `aggregation.security=malicious`)."""
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if work_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="fedstack-deploy-")
@@ -203,6 +220,9 @@ class LocalDeployment:
         self.flwr_home = self.work_dir / "flwr-home"
         self.certs_dir = self.work_dir / "certs"
         self.keys_dir = self.work_dir / "node-keys"
+        self.consortium_dir = self.work_dir / "consortium"
+        self.consortium = consortium
+        self.require_signatures = require_signatures
         self.logs_dir = self.work_dir / "logs"
         self.outputs_dir = self.work_dir / "outputs"
         self.database = self.work_dir / "superlink.db"
@@ -260,10 +280,41 @@ class LocalDeployment:
             make_certificates(self.certs_dir, [LOOPBACK, "localhost"])
         self.write_connection()
         self.start_superlink()
-        for index in range(self.num_supernodes):
-            node_config = {"partition-id": index, "num-partitions": self.num_supernodes,
-                           **self._node_config.get(index, {})}
+        for index, node_config in enumerate(self.initial_node_configs()):
             self.add_supernode(index, node_config)
+
+    def initial_node_configs(self) -> list[dict[str, Any]]:
+        """The node config of each SuperNode `start()` adds: its partition, its consortium
+        identity and roster, then the caller's own keys (which win)."""
+        pinned = self.make_consortium() if self.consortium else {}
+        policy = ({} if self.require_signatures is None
+                  else {REQUIRE_SIGNATURES_KEY: self.require_signatures})
+        return [{"partition-id": index, "num-partitions": self.num_supernodes,
+                 **pinned.get(index, {}), **policy, **self._node_config.get(index, {})}
+                for index in range(self.num_supernodes)]
+
+    def make_consortium(self) -> dict[int, dict[str, str]]:
+        """One identity per SuperNode and the roster all pin: the node-config keys of each.
+
+        Done the way members of a consortium do it (docs/consortium.md): each makes its own
+        key (`fedstack identity new`), the roster is built from the public halves only.
+        Reuses the identities of an earlier start in the same work dir.
+        """
+        directory = self.consortium_dir
+        roster_path = directory / ROSTER_FILE_NAME
+        names = [f"supernode-{index}" for index in range(self.num_supernodes)]
+        if roster_path.exists() and Roster.load(roster_path).names == tuple(sorted(names)):
+            roster = Roster.load(roster_path)
+        else:
+            for name in names:
+                if not (directory / f"{name}{KEY_SUFFIX}").exists():
+                    new_identity(name, directory)
+            roster = Roster.from_public_files(directory / f"{name}{PUBLIC_SUFFIX}"
+                                              for name in names)
+            roster.save(roster_path)
+        return {index: {IDENTITY_KEY_NODE_KEY: str(directory / f"{name}{KEY_SUFFIX}"),
+                        ROSTER_NODE_KEY: str(roster_path)}
+                for index, name in enumerate(names) if name in roster}
 
     def close(self) -> None:
         """Stop every process we started (by process group), newest first."""
@@ -544,6 +595,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--node-config", action="append", default=[], metavar="I:KEY=VALUE",
                         help="extra node config for SuperNode I (repeatable), e.g. "
                              "0:require-aggregation=secagg")
+    parser.add_argument("--require-signatures", choices=("true", "false"), default=None,
+                        help="every SuperNode's require-signatures policy (default: unset, so "
+                             "nodes, which pin the harness's roster, require "
+                             "aggregation.security=malicious)")
+    parser.add_argument("--no-consortium", action="store_true",
+                        help="give the SuperNodes no identity and no roster")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="keep certificates, keys, logs and outputs here (default: a "
                              "temporary directory, removed at the end)")
@@ -566,8 +623,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         key, _, value = pair.partition("=")
         node_config.setdefault(int(index), {})[key] = value
     run_config = _parse_run_config(args.run_config)
+    require = None if args.require_signatures is None else args.require_signatures == "true"
     with LocalDeployment(args.work_dir, num_supernodes=args.supernodes,
-                         node_config=node_config) as deployment:
+                         node_config=node_config, consortium=not args.no_consortium,
+                         require_signatures=require) as deployment:
         print(f"SuperLink {deployment.address} (TLS, node auth); logs in {deployment.logs_dir}",
               flush=True)
         deployment.wait_for_nodes(args.supernodes)

@@ -8,7 +8,9 @@ is answered with error `HE_UNDECRYPTABLE_CODE` and a fixed reason: the server th
 round back and looks for the bad reply.
 Outgoing (train): the trained weights are flattened in the global model's layout, pre-scaled by
 the number of examples and encrypted together with it; the reply carries only ciphertexts
-(plus the plaintext metrics the handler produced). Declines and errors pass through unchanged.
+plus the metrics the handler produced, which `protocol_mod` (strategies/client_mods.py) then
+cuts down to the node policy's `clear-metrics` and `num-examples` (docs/policy.md). Declines
+and errors pass through unchanged.
 Check requests (evaluate messages with a `check` entry) are answered by the mod alone, without
 running the handler: "model" (decrypt the round's new global model) or "group" (decrypt the sum
 of a group of the round's replies for the server's search, `group_test`). Before decrypting a
