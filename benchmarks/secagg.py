@@ -23,10 +23,23 @@ Sections:
           checked bit for bit. Per-client seconds (median over survivors of the time spent in
           their own stages), server seconds, traced peak memory, and least-squares fits of the
           growth. Plus one complete-graph round at 100 clients for contrast. Key "scale".
+  malicious (only with --malicious or --sections malicious) aggregation.security=malicious
+          against semi-honest in the same run, same in-process workload (5 clients, d = 1e5,
+          complete and sparse graph, 5 rounds): exchanges per steady-state round (counted per
+          round by the strategy), seconds per round (median of rounds 2..), bytes per client
+          per round. Key "malicious" (exchanges_per_steady_round,
+          ratio_over_semi_honest_inprocess).
+          With --deploy: also a real deployment (fedstack.deploy.local: SuperLink + 3
+          SuperNodes, TLS, node authentication, each node pinning its own identity and the
+          roster), runs in ABBA order (semi-honest, malicious, malicious, semi-honest),
+          breast_cancer, real training, central
+          evaluation only; seconds per steady round (median of rounds 2..) from the runs'
+          history: ratio_over_semi_honest_deploy. ~12-15 min on 2 cores: take the heavy lock.
 
 Prints a table per section and writes its keys into benchmarks/results/secagg.json (the keys
 of sections not run are kept).
 Usage: python benchmarks/secagg.py [--quick] [--sections shamir,core,rounds,ray] [--scale]
+       [--malicious [--deploy]]
 Default run ~7-10 min on 2 busy cores (Ray start-up dominates its last section); --quick ~1 min;
 --scale alone ~5 min (each size runs twice: untraced for time, traced for memory).
 """
@@ -278,7 +291,15 @@ def _dropped(n: int) -> set[int]:
     return {101 + i for i in range(math.ceil(DROP_FRACTION * n))}
 
 
-def _run_fedstack(system: str, n: int, d: int, drop: bool, rounds: int, tmp: Path) -> dict:
+def _run_fedstack(
+    system: str,
+    n: int,
+    d: int,
+    drop: bool,
+    rounds: int,
+    tmp: Path,
+    security: str = "semi-honest",
+) -> dict:
     from flwr.app import Array, ArrayRecord, ConfigRecord
 
     from fedstack.config import CONFIG_MESSAGE_KEY, compose_config, config_to_yaml
@@ -294,7 +315,11 @@ def _run_fedstack(system: str, n: int, d: int, drop: bool, rounds: int, tmp: Pat
     overrides += (
         ["aggregation=fedavg"]
         if system == "plain"
-        else ["aggregation=secagg", f"aggregation.graph={system.split('-')[1]}"]
+        else [
+            "aggregation=secagg",
+            f"aggregation.graph={system.split('-')[1]}",
+            f"aggregation.security={security}",
+        ]
     )
     cfg = compose_config(overrides)
     grid = _counting_grid_cls()(_fedstack_client_app(), num_nodes=n)
@@ -302,10 +327,12 @@ def _run_fedstack(system: str, n: int, d: int, drop: bool, rounds: int, tmp: Pat
     grid.lose = lambda node, msg: node in lost and "arrays" in msg.content.array_records
     strategy = build_strategy(cfg, tmp)
     stamps: list[float] = []
+    exchanges: list[int] = []
 
     class Clock:
         def on_round_end(self, round_log, arrays) -> None:
             stamps.append(time.perf_counter())
+            exchanges.append(round_log.exchanges)
 
     config = ConfigRecord({CONFIG_MESSAGE_KEY: config_to_yaml(cfg)})
     start = time.perf_counter()
@@ -319,6 +346,7 @@ def _run_fedstack(system: str, n: int, d: int, drop: bool, rounds: int, tmp: Pat
     )
     per_round = np.diff([start, *stamps])
     out = _cost(grid, n, rounds, per_round)
+    out["exchanges_by_round"] = exchanges
     if system != "plain":
         out["secagg_degree"] = strategy.params.degree(n)
     return out
@@ -425,6 +453,105 @@ def bench_rounds(quick: bool) -> dict:
         )
         print(f"{k:<46}" + "".join(f"{c:>9.3f}" for c in cells))
     return rows
+
+
+# ------------------------------------------------------------------ malicious vs semi-honest
+
+MALICIOUS_ROUNDS = 5
+
+
+def bench_malicious(quick: bool) -> dict:
+    """security=malicious against semi-honest on one workload, in process, same run."""
+    import logging
+    import tempfile
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    n, d = 5, (10_000 if quick else 100_000)
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for security in ("semi-honest", "malicious"):  # warm-up
+            _run_fedstack("ours-complete", n, 1000, False, 2, Path(tmp) / f"w-{security}",
+                          security)
+        for graph in ("complete", "sparse"):
+            for security in ("semi-honest", "malicious"):
+                key = f"{graph},{security}"
+                run_dir = Path(tmp) / f"{graph}-{security}"
+                rows[key] = _run_fedstack(
+                    f"ours-{graph}", n, d, False, MALICIOUS_ROUNDS, run_dir, security
+                )
+                print(f"  {key}: {rows[key]['seconds_later_rounds']:.3f} s/round", flush=True)
+    print(f"\n== security=malicious vs semi-honest, in process, n={n}, d={d} ==")
+    header = ("graph,security", "exch/steady", "round 1", "s/steady", "kB down", "kB up")
+    print(f"{header[0]:<26}" + "".join(f"{h:>12}" for h in header[1:]))
+    for key, r in rows.items():
+        r["exchanges_per_steady_round"] = statistics.median(r["exchanges_by_round"][1:])
+        cells = (
+            r["exchanges_per_steady_round"],
+            r["seconds_first_round"],
+            r["seconds_later_rounds"],
+            r["bytes_down_per_client_round"] / 1e3,
+            r["bytes_up_per_client_round"] / 1e3,
+        )
+        print(f"{key:<26}" + "".join(f"{c:>12.3f}" for c in cells))
+    mal, semi = rows["complete,malicious"], rows["complete,semi-honest"]
+    total = {k: r["bytes_down_per_client_round"] + r["bytes_up_per_client_round"]
+             for k, r in rows.items()}
+    out = {
+        "n": n,
+        "d": d,
+        "rounds": MALICIOUS_ROUNDS,
+        "rows": rows,
+        "exchanges_per_steady_round": max(
+            rows[f"{g},malicious"]["exchanges_per_steady_round"] for g in ("complete", "sparse")
+        ),
+        "semi_honest_exchanges_per_steady_round": semi["exchanges_per_steady_round"],
+        "ratio_over_semi_honest_inprocess": mal["seconds_later_rounds"]
+        / semi["seconds_later_rounds"],
+        "bytes_per_client_ratio": total["complete,malicious"] / total["complete,semi-honest"],
+    }
+    print(
+        f"malicious: {out['exchanges_per_steady_round']} exchanges per steady round "
+        f"(semi-honest {out['semi_honest_exchanges_per_steady_round']}); "
+        f"{out['ratio_over_semi_honest_inprocess']:.2f}x the semi-honest seconds per steady "
+        f"round in process; {out['bytes_per_client_ratio']:.2f}x the bytes per client"
+    )
+    return out
+
+
+DEPLOY_ROUNDS = 3
+
+
+def bench_malicious_deploy(rounds: int = DEPLOY_ROUNDS) -> dict:
+    """security=malicious vs semi-honest through a real local deployment (TLS + node auth)."""
+    import importlib.util
+
+    from fedstack.deploy.local import LocalDeployment
+
+    # benchmarks/ is not a package (and a PyPI "benchmarks" may shadow it): load by path.
+    spec = importlib.util.spec_from_file_location("bench_deploy", ROOT / "benchmarks" / "deploy.py")
+    deploy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deploy)
+    NUM_NODES, run_one = deploy.NUM_NODES, deploy.run_one
+
+    runs: dict[str, list[dict]] = {"semi-honest": [], "malicious": []}
+    # ABBA order: a machine whose load drifts during the runs biases neither mode.
+    order = ("semi-honest", "malicious", "malicious", "semi-honest")
+    # The nodes pin the roster; require-signatures=false lets them take semi-honest rounds too.
+    with LocalDeployment(num_supernodes=NUM_NODES, require_signatures=False) as dep:
+        dep.wait_for_nodes(NUM_NODES)
+        for security in order:
+            run = run_one(dep, "secagg", rounds, [f"aggregation.security={security}"])
+            runs[security].append(run)
+            print(f"  deploy {security}: {run['seconds_per_round']} s/round, "
+                  f"exchanges {run['exchanges_per_round']}", flush=True)
+    steady = {k: statistics.median(s for r in v for s in r["round_seconds"][1:])
+              for k, v in runs.items()}
+    ratio = steady["malicious"] / steady["semi-honest"]
+    print(f"deployment: malicious / semi-honest seconds per steady round = {ratio:.2f} "
+          f"({steady['malicious']:.1f} / {steady['semi-honest']:.1f} s)")
+    return {"supernodes": NUM_NODES, "rounds": rounds, "order": list(order), "tls": True,
+            "node_auth": True, "seconds_per_steady_round": steady, "runs": runs,
+            "ratio_over_semi_honest_deploy": round(ratio, 3)}
 
 
 # ------------------------------------------------------------------ Flower's Ray runtime
@@ -829,13 +956,38 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes and few repeats (~1 min)")
     ap.add_argument("--sections", default="shamir,core,rounds,ray")
     ap.add_argument("--scale", action="store_true", help="run only the scale section")
+    ap.add_argument(
+        "--malicious", action="store_true", help="run only the malicious-vs-semi-honest section"
+    )
+    ap.add_argument(
+        "--deploy", action="store_true", help="with --malicious: also the deployment ratio"
+    )
     args = ap.parse_args()
-    sections = {"scale"} if args.scale else set(args.sections.split(","))
+    if args.scale:
+        sections = {"scale"}
+    elif args.malicious:
+        sections = {"malicious"}
+    else:
+        sections = set(args.sections.split(","))
+    alone = sections in ({"scale"}, {"malicious"})
     # Keep the keys of the sections not run this time (e.g. --scale alone).
     out: dict = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     machine = {"python": platform.python_version(), "cpus": os.cpu_count()}
-    if sections != {"scale"}:
+    if not alone:
         out["machine"], out["quick"] = machine, args.quick
+    if "malicious" in sections:
+        previous = out.get("malicious", {})
+        deploy = previous.get("ratio_over_semi_honest_deploy")
+        out["malicious"] = bench_malicious(args.quick)
+        out["malicious"]["machine"] = {**machine, "load_average_at_end": os.getloadavg()}
+        out["malicious"]["quick"] = args.quick
+        if args.deploy:
+            out["malicious"]["deploy"] = bench_malicious_deploy()
+            deploy = out["malicious"]["deploy"]["ratio_over_semi_honest_deploy"]
+        elif deploy is not None:  # measured by an earlier --deploy run: keep it
+            out["malicious"]["deploy"] = previous.get("deploy")
+        if deploy is not None:
+            out["malicious"]["ratio_over_semi_honest_deploy"] = deploy
     if "scale" in sections:
         out["scale"] = bench_scale(args.quick)
         out["scale"]["machine"] = {**machine, "load_average_at_end": os.getloadavg()}
@@ -860,7 +1012,7 @@ def main() -> None:
         later = {k: v["seconds_later_rounds"] for k, v in ray.items()}
         out["ray_ratio_ours_over_plain"] = later["ours-complete"] / later["plain"]
         out["ray_ratio_flower_over_ours"] = later["flower-secagg+"] / later["ours-complete"]
-    if sections != {"scale"}:
+    if not alone:
         out["machine"]["load_average_at_end"] = os.getloadavg()
     print(
         "\n"

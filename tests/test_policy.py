@@ -307,6 +307,16 @@ def test_mod_refuses_an_aggregation_the_node_did_not_agree_to(config_texts):
     assert reply.error.reason == "node policy refuses: aggregation"
 
 
+def test_mod_refuses_to_train_without_dp_when_the_node_requires_it(config_texts):
+    # config_texts are composed with dp=none: a node that requires DP never trains under it,
+    # while evaluation of the (public) global model is still answered.
+    reply = _run_mod(config_texts["fedavg"], {"require-dp": True}, TRAIN_METRICS)
+    assert reply.has_error() and reply.error.reason == "node policy refuses: dp-required"
+    reply = _run_mod(config_texts["fedavg"], {"require-dp": True}, EVAL_METRICS, "evaluate")
+    assert not reply.has_error()
+    assert not _run_mod(config_texts["fedavg"], {}, TRAIN_METRICS).has_error()
+
+
 def test_mod_fails_closed_on_an_unreadable_policy(config_texts, tmp_path):
     bad = _policy_file(tmp_path, "min-cohort = 0\n")
     reply = _run_mod(config_texts["fedavg"], {"policy": str(bad)}, TRAIN_METRICS)

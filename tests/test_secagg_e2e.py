@@ -34,6 +34,9 @@ def test_secagg_reaches_fedavg_accuracy(tmp_path, digits_baseline):
     assert runs["fedavg"]["final_accuracy"] > 0.9
     assert abs(runs["secagg"]["final_accuracy"] - runs["fedavg"]["final_accuracy"]) <= 0.01
     rows = _history(runs["secagg"]["run_dir"])
+    # the default malicious mode: advertise, share, train, consistency, unmask in round 1,
+    # then train, consistency, unmask (next round's keys and shares ride along); no
+    # federated evaluation under secagg
     assert [r["exchanges"] for r in rows if r["round"] >= 1][:3] == [5, 3, 3]
     assert rows[-1]["train_loss"] is None  # per-client losses never leave the clients
 

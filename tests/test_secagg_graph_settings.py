@@ -65,6 +65,7 @@ def test_yaml_matches_schema_defaults():
         ({"clip": 1000.0}, "aggregation.max_quant_error"),
         ({"max_clients": 3}, "aggregation.max_clients"),
         ({"stage_timeout": 0}, "aggregation.stage_timeout"),
+        ({"security": "trusting"}, "aggregation.security"),
     ],
 )
 def test_invalid_settings_name_the_key(override, key):

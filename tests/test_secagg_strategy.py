@@ -12,7 +12,13 @@ from fedstack.client_app import app as client_app
 from fedstack.config import CONFIG_MESSAGE_KEY, compose_config, config_to_yaml
 from fedstack.strategies import build_strategy
 from fedstack.strategies.secagg import wire
-from fedstack.strategies.secagg.mod import REFUSED_CODE, SECAGG_RECORD, STATE_RECORD, secagg_mod
+from fedstack.strategies.secagg.mod import (
+    REFUSED_CODE,
+    SECAGG_RECORD,
+    STATE_RECORD,
+    refusal_reason,
+    secagg_mod,
+)
 from fedstack.task.models import build_model
 from tests.inprocess_grid import InProcessGrid
 
@@ -73,15 +79,22 @@ def _drop_at(node_index: int, phase_key: str, message_type: str = MessageType.TR
     return hook
 
 
-def test_masked_round_matches_plain_fedavg_and_counts_exchanges(tmp_path):
+@pytest.mark.parametrize(("security", "exchanges"),
+                         [("semi-honest", (4, 2)), ("malicious", (5, 3))])
+def test_masked_round_matches_plain_fedavg_and_counts_exchanges(tmp_path, security, exchanges):
+    mode = f"aggregation.security={security}"
     _, plain, _, _, _ = _run(_cfg(tmp_path, "fedavg"), tmp_path / "p")
-    strategy, masked, _, _, _ = _run(_cfg(tmp_path, "secagg"), tmp_path / "s")
+    strategy, masked, _, _, _ = _run(_cfg(tmp_path, "secagg", mode), tmp_path / "s")
     bound = strategy.params.codec.error_bound
     assert np.abs(_flat(masked.arrays) - _flat(plain.arrays)).max() <= bound + 1e-6
-    strategy, masked, logs, grid, _ = _run(_cfg(tmp_path, "secagg"), tmp_path / "s2", rounds=2)
+    strategy, masked, logs, grid, _ = _run(_cfg(tmp_path, "secagg", mode), tmp_path / "s2",
+                                           rounds=2)
     first, second = logs.rounds
-    # round 1: advertise, share, train(+masked input), unmask(+next shares), evaluate
-    assert first.exchanges == 5 and second.exchanges == 3
+    # semi-honest round 1: advertise, share, train(+masked input), unmask(+next shares);
+    # malicious adds the signed-view (consistency) exchange to every round. No federated
+    # evaluation under secagg (per-client metrics would leave in the clear).
+    assert (first.exchanges, second.exchanges) == exchanges
+    assert not any(m.metadata.message_type == MessageType.EVALUATE for m in grid.sent)
     assert first.extra["secagg"]["survivors"] == NUM_CLIENTS
     # no reply to the server ever carried plaintext weights or n_k
     for msg in grid.sent:
@@ -128,7 +141,8 @@ def test_below_threshold_aborts_and_keeps_the_model(tmp_path):
     assert np.array_equal(_flat(result.arrays), _flat(initial))
 
 
-def test_protocol_exchanges_use_the_stage_timeout(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("security", "stages"), [("semi-honest", 3), ("malicious", 4)])
+def test_protocol_exchanges_use_the_stage_timeout(tmp_path, monkeypatch, security, stages):
     timeouts: list[tuple[bool, float]] = []
     original = InProcessGrid.send_and_receive
 
@@ -139,10 +153,12 @@ def test_protocol_exchanges_use_the_stage_timeout(tmp_path, monkeypatch):
         return original(self, messages, timeout=timeout)
 
     monkeypatch.setattr(InProcessGrid, "send_and_receive", recording)
-    _run(_cfg(tmp_path, "secagg", "aggregation.stage_timeout=7", "round_timeout=99"), tmp_path)
-    stages = [t for model, t in timeouts if not model]
-    assert len(stages) == 3 and set(stages) == {7.0}  # advertise, share, unmask
-    assert {t for model, t in timeouts if model} == {99.0}  # train and evaluate
+    _run(_cfg(tmp_path, "secagg", "aggregation.stage_timeout=7", "round_timeout=99",
+              f"aggregation.security={security}"), tmp_path)
+    protocol = [t for model, t in timeouts if not model]
+    # advertise, share, [malicious: consistency,] unmask
+    assert len(protocol) == stages and set(protocol) == {7.0}
+    assert {t for model, t in timeouts if model} == {99.0}  # train (no federated evaluation)
 
 
 def _context(node_id: int = 5) -> Context:
@@ -171,24 +187,26 @@ def _never_called(msg, context):
 
 
 def test_mod_refuses_plaintext_train_and_malformed_requests(tmp_path):
-    cfg = _cfg(tmp_path, "secagg")
+    # semi-honest: this node has no identity (malicious-mode refusals: test_secagg_malicious)
+    cfg = _cfg(tmp_path, "secagg", "aggregation.security=semi-honest")
     ctx = _context()
     reply = secagg_mod(_train_message(cfg, None), ctx, _never_called)
     assert (
         reply.has_error() and reply.error.code == REFUSED_CODE and "unmasked" in reply.error.reason
     )
+    assert reply.error.reason == refusal_reason("unmasked-train")  # a fixed code, no details
     # advertise works and stores state; a malformed share request is refused, state kept
     reply = secagg_mod(_train_message(cfg, {wire.ADVERTISE_REQ: 1}), ctx, _never_called)
     assert not reply.has_error() and wire.ADVERT in reply.content.config_records[SECAGG_RECORD]
     state = bytes(ctx.state.config_records[STATE_RECORD]["state"])
     bad = {wire.SHARE_REQ: 1, "sreq.seed": b"x" * 31, "sreq.participants": b"", "sreq.keys": b""}
     reply = secagg_mod(_train_message(cfg, bad), ctx, _never_called)
-    assert reply.has_error() and "sreq.seed" in reply.error.reason
+    assert reply.has_error() and reply.error.reason == refusal_reason("protocol")
     assert bytes(ctx.state.config_records[STATE_RECORD]["state"]) == state
     # a mask request for another round than the train message's is refused before training
     mreq = {wire.MASK_REQ: 2, "mreq.shared": b"", "mreq.senders": b"", "mreq.cts": b""}
     reply = secagg_mod(_train_message(cfg, mreq), ctx, _never_called)
-    assert reply.has_error() and "round" in reply.error.reason
+    assert reply.has_error() and reply.error.reason == refusal_reason("stale")
 
 
 def test_node_with_lost_reply_sits_one_round_out_without_extra_exchanges(tmp_path):
@@ -197,9 +215,10 @@ def test_node_with_lost_reply_sits_one_round_out_without_extra_exchanges(tmp_pat
         lost = node == 103 and parts is not None and parts.get(wire.MASK_REQ) == 1
         return None if lost else reply
 
-    _, _, logs, _, _ = _run(_cfg(tmp_path, "secagg"), tmp_path, rounds=3, hook=hook)
+    _, _, logs, _, _ = _run(_cfg(tmp_path, "secagg", "aggregation.security=semi-honest"),
+                            tmp_path, rounds=3, hook=hook)
     facts = [(log.extra["secagg"]["participants"], log.exchanges) for log in logs.rounds]
-    # round 1 sets up (4 protocol exchanges + evaluate); 103's masked input (and its keys for
-    # round 2) are lost, so it sits round 2 out and rejoins in round 3 -- never an extra exchange
-    assert facts == [(4, 5), (3, 3), (4, 3)]
+    # round 1 sets up (4 protocol exchanges); 103's masked input (and its keys for round 2)
+    # are lost, so it sits round 2 out and rejoins in round 3 -- never an extra exchange
+    assert facts == [(4, 4), (3, 2), (4, 2)]
     assert logs.rounds[0].extra["secagg"]["dropped"] == [103]

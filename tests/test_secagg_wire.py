@@ -80,3 +80,45 @@ def test_out_of_field_shares_and_bad_keys_are_rejected():
     w["sreq.keys"] += w["sreq.keys"]
     with pytest.raises(ProtocolViolation, match="twice"):
         wire.decode_share_request(w)
+
+
+def test_signed_messages_round_trip_and_malformed_ones_are_rejected():
+    """security=malicious parts: signed adverts, reveals, views and view signatures."""
+    from fedstack.strategies.secagg.messages import (
+        ConsistencyReply,
+        ConsistencyRequest,
+        RevealReply,
+        RevealRequest,
+        UnmaskRequest,
+    )
+
+    adv = {v: Advert(v, 3, os.urandom(32), os.urandom(32), os.urandom(32), os.urandom(32),
+                     os.urandom(64)) for v in (4, 9)}
+    assert wire.decode_advert(wire.encode_advert(adv[4]), 4) == adv[4]
+    req = RevealRequest(3, [4, 9], adv)
+    assert wire.decode_reveal_request(wire.encode_reveal_request(req)) == req
+    rep = RevealReply(4, 3, os.urandom(32), os.urandom(64))
+    assert wire.decode_reveal_reply(wire.encode_reveal_reply(rep), 4) == rep
+    sreq = ShareRequest(3, os.urandom(32), [4, 9], {}, adv,
+                        {v: (os.urandom(32), os.urandom(64)) for v in (4, 9)})
+    assert wire.decode_share_request(wire.encode_share_request(sreq)) == sreq
+    creq = ConsistencyRequest(3, [4, 9], [9])
+    assert wire.decode_consistency_request(wire.encode_consistency_request(creq)) == creq
+    crep = ConsistencyReply(9, 3, os.urandom(64))
+    assert wire.decode_consistency_reply(wire.encode_consistency_reply(crep), 9) == crep
+    ureq = UnmaskRequest(3, [9], [4], {9: os.urandom(64)})
+    assert wire.decode_unmask_request(wire.encode_unmask_request(ureq)) == ureq
+    for broken in (
+        {**wire.encode_advert(adv[4]), "adv.sig": b"x" * 63},
+        {**wire.encode_advert(adv[4]), "adv.commit": b""},
+    ):
+        with pytest.raises(ProtocolViolation):
+            wire.decode_advert(broken, 4)
+    w = wire.encode_share_request(sreq)
+    w["sreq.reveals"] = w["sreq.reveals"][:-1]
+    with pytest.raises(ProtocolViolation):
+        wire.decode_share_request(w)
+    w = wire.encode_unmask_request(ureq)
+    w["ureq.sigs"] += b"x"
+    with pytest.raises(ProtocolViolation):
+        wire.decode_unmask_request(w)

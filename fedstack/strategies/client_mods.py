@@ -20,6 +20,7 @@ from flwr.app import Context, Error, Message, MessageType, MetricRecord
 from fedstack.config import ConfigError, config_from_message
 from fedstack.log import logger
 from fedstack.policy import (
+    DP_NONE,
     POLICY_REFUSED_CODE,
     REQUIRE_AGGREGATION_KEY,
     NodePolicy,
@@ -92,6 +93,10 @@ def protocol_mod(msg: Message, context: Context, call_next: CallNext) -> Message
     name = str(cfg.aggregation.name)
     try:
         policy.check_aggregation(name)
+        if msg.metadata.message_type == MessageType.TRAIN and str(cfg.dp.name) == DP_NONE:
+            # A node that requires DP refuses to train without it; the DP trainers check the
+            # noise floor and budget themselves (they know sigma and epsilon).
+            policy.check_dp(name=DP_NONE, noise_multiplier=None, epsilon=None)
     except PolicyRefusal as refusal:
         return refusal_reply(msg, refusal)
     mod_path = PROTOCOL_MODS.get(name)

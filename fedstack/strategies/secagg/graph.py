@@ -60,3 +60,24 @@ def _ring_neighbours(order: list[int], pos: int, degree: int) -> list[int]:
     near = {order[(pos + d) % n] for d in range(1, half + 1)}
     near |= {order[(pos - d) % n] for d in range(1, half + 1)}
     return sorted(near)
+
+
+def components(nbrs: dict[int, list[int]], members: set[int]) -> list[set[int]]:
+    """Connected components of the graph restricted to ``members``.
+
+    Why: the server can decode the sum of every component of the survivors' graph on its
+    own (pairwise masks cancel inside a component), so each must hold at least the minimum
+    cohort -- four dropouts that cut a k = 4 ring would otherwise expose a 4-client arc.
+    """
+    left, out = set(members), []
+    while left:
+        start = left.pop()
+        comp, frontier = {start}, [start]
+        while frontier:
+            for v in nbrs.get(frontier.pop(), ()):
+                if v in left:
+                    left.discard(v)
+                    comp.add(v)
+                    frontier.append(v)
+        out.append(comp)
+    return out

@@ -15,30 +15,38 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedstack.crypto import signing
 from fedstack.crypto.keys import KeyPair, derive_key, pair_keys
 from fedstack.crypto.prg import accumulate
 from fedstack.crypto.quantise import ring_reduce
 from fedstack.crypto.shamir import SECRET_BYTES, ShamirError, reconstruct_many
 
-from . import graph
+from . import graph, statements
 from .client import PURPOSE_MASK, PURPOSE_SELF_MASK
 from .errors import ProtocolViolation, SecAggAbort
 from .messages import (
+    NONCE_BYTES,
     SEED_BYTES,
     SHARE_CIPHERTEXT_BYTES,
+    STAGE_CONSISTENCY,
     STAGE_MASKED,
+    STAGE_REVEAL,
     STAGE_SHARE,
     STAGE_UNMASK,
     Advert,
+    ConsistencyReply,
+    ConsistencyRequest,
     MaskedInput,
     MaskRequest,
+    RevealReply,
+    RevealRequest,
     ShareReply,
     ShareRequest,
     UnmaskReply,
     UnmaskRequest,
     check_shares,
 )
-from .params import ProtocolParams
+from .params import GRAPH_SPARSE, ProtocolParams
 
 STAGE_DONE = "done"
 
@@ -54,30 +62,44 @@ class ServerRound:
     seed: bytes = field(default_factory=lambda: secrets.token_bytes(SEED_BYTES))
     stage: str = STAGE_SHARE
     rejected: dict[int, str] = field(default_factory=dict)  # node -> reason, for the round log
+    run_id: int = 0  # binds the signed statements of security=malicious
 
     def __post_init__(self) -> None:
         self.adverts = self._screen_adverts(self.adverts)
         self.participants = sorted(self.adverts)
         n = len(self.participants)
-        if n > self.params.codec.max_clients:
+        if n > self.params.input.max_clients:
             raise SecAggAbort(
                 self.round_num,
                 STAGE_SHARE,
-                f"{n} participants exceed max_clients={self.params.codec.max_clients}, "
+                f"{n} participants exceed max_clients={self.params.input.max_clients}, "
                 "the bound under which the ring sum cannot wrap",
             )
         try:
             self.threshold = self.params.round_threshold(n)
         except ValueError as exc:
             raise SecAggAbort(self.round_num, STAGE_SHARE, f"{n} participants: {exc}") from exc
-        self.nbrs = graph.neighbours(
-            self.seed, self.round_num, self.participants, self.params.degree(n)
-        )
+        self.reveals: dict[int, tuple[bytes, bytes]] = {}
+        self.signatures: dict[int, bytes] = {}  # malicious: survivors' view signatures
+        if self.params.malicious:
+            # No party chooses the graph: the seed is H(D_P, every participant's nonce).
+            self.p_digest = statements.participants_digest(
+                self.run_id, self.round_num, self.adverts
+            )
+            if self.params.graph == GRAPH_SPARSE:
+                self.stage = STAGE_REVEAL
+                self.nbrs: dict[int, list[int]] = {}
+            else:
+                self.seed = statements.agreed_seed(self.run_id, self.round_num, self.p_digest, None)
+        if self.stage != STAGE_REVEAL:
+            self.nbrs = graph.neighbours(
+                self.seed, self.round_num, self.participants, self.params.degree(n)
+            )
         self.shared: list[int] = []  # U1
         self.survivors: list[int] = []  # U2
         self.dropped: list[int] = []  # U1 \ U2
         self._cts: dict[int, dict[int, bytes]] = {}
-        self._total = np.zeros(self.vector_len, dtype=self.params.codec.dtype)
+        self._total = np.zeros(self.vector_len, dtype=self.params.input.dtype)
         self._arrived: set[int] = set()  # senders of accepted masked inputs (U2 once closed)
         self._requests: dict[int, UnmaskRequest] = {}
 
@@ -96,14 +118,27 @@ class ServerRound:
             except ProtocolViolation as exc:
                 self._reject(node, str(exc))
                 continue
+            if self.params.malicious and not self._signed_advert(node, adv):
+                continue
             valid[node] = adv
-            for key in (adv.enc_pk, adv.mask_pk):
-                owners.setdefault(key, []).append(node)
+            for key in (adv.enc_pk, adv.mask_pk, adv.signer):
+                if key:
+                    owners.setdefault(key, []).append(node)
         for nodes in owners.values():
             for node in nodes if len(nodes) > 1 else []:
-                self._reject(node, "advert repeats a public key of another party")
+                self._reject(node, "advert repeats a public key or signer of another party")
                 valid.pop(node, None)
         return valid
+
+    def _signed_advert(self, node: int, adv: Advert) -> bool:
+        """A malicious-mode advert must be signed by the key it names (roster membership is
+        for each client to judge against its own roster; the server cannot)."""
+        if adv.signed and signing.verify(
+            adv.signer, adv.signature, statements.advert_statement(self.run_id, adv)
+        ):
+            return True
+        self._reject(node, "advert is unsigned or its signature does not verify")
+        return False
 
     def _expect_stage(self, stage: str) -> None:
         if self.stage != stage:
@@ -115,14 +150,82 @@ class ServerRound:
     def _reject(self, node: int, reason: str) -> None:
         self.rejected[node] = reason
 
+    # -- stage 0b (malicious, sparse): reveal the graph-seed nonces ----------------------
+    def reveal_requests(self) -> dict[int, RevealRequest]:
+        self._expect_stage(STAGE_REVEAL)
+        return {
+            u: RevealRequest(self.round_num, list(self.participants), self.adverts)
+            for u in self.participants
+        }
+
+    def receive_reveals(self, replies: dict[int, RevealReply]) -> None:
+        """Fix the agreed seed and the graph; abort if any participant did not reveal.
+
+        Why abort instead of dropping the party: P (with its commitments) is fixed and every
+        client checks that each member of P revealed over the same D_P; a seed without one
+        nonce would be a seed the server could choose by choosing whom to leave out.
+        """
+        self._expect_stage(STAGE_REVEAL)
+        for node, rep in replies.items():
+            try:
+                self._check_reveal(node, rep)
+                self.reveals[node] = (rep.nonce, rep.signature)
+            except ProtocolViolation as exc:
+                self._reject(node, str(exc))
+        missing = [u for u in self.participants if u not in self.reveals]
+        if missing:
+            self.stage = STAGE_DONE
+            raise SecAggAbort(
+                self.round_num,
+                STAGE_REVEAL,
+                f"{len(missing)} of {len(self.participants)} participants did not reveal their "
+                "graph-seed nonce; the round needs fresh adverts",
+            )
+        nonces = {u: nonce for u, (nonce, _) in self.reveals.items()}
+        self.seed = statements.agreed_seed(self.run_id, self.round_num, self.p_digest, nonces)
+        self.nbrs = graph.neighbours(
+            self.seed, self.round_num, self.participants, self.params.degree(len(nonces))
+        )
+        self.stage = STAGE_SHARE
+
+    def _check_reveal(self, node: int, rep: RevealReply) -> None:
+        adv = self.adverts.get(node)
+        if adv is None or rep.node != node or rep.round_num != self.round_num:
+            raise ProtocolViolation(f"reveal of {node} is not from a participant of this round")
+        if (
+            not isinstance(rep.nonce, bytes)
+            or len(rep.nonce) != NONCE_BYTES
+            or statements.commitment(rep.nonce) != adv.commit
+            or not signing.verify(
+                adv.signer,
+                rep.signature,
+                statements.reveal_statement(
+                    self.run_id, self.round_num, node, rep.nonce, self.p_digest
+                ),
+            )
+        ):
+            raise ProtocolViolation(f"reveal of {node} does not open its commitment")
+
     # -- stage 1 -----------------------------------------------------------------------
     def share_requests(self) -> dict[int, ShareRequest]:
         self._expect_stage(STAGE_SHARE)
         out = {}
+        malicious = self.params.malicious
         for u in self.participants:
             hood = [*self.nbrs[u], u]
-            keys = {v: (self.adverts[v].enc_pk, self.adverts[v].mask_pk) for v in hood}
-            out[u] = ShareRequest(self.round_num, self.seed, list(self.participants), keys)
+            keys = (
+                {}
+                if malicious
+                else {v: (self.adverts[v].enc_pk, self.adverts[v].mask_pk) for v in hood}
+            )
+            out[u] = ShareRequest(
+                self.round_num,
+                self.seed,
+                list(self.participants),
+                keys,
+                self.adverts if malicious else {},
+                self.reveals,
+            )
         return out
 
     def receive_shares(self, replies: dict[int, ShareReply]) -> dict[int, MaskRequest]:
@@ -206,7 +309,7 @@ class ServerRound:
         """Fix survivors U2 (the accepted inputs) and ask each for the shares to unmask."""
         self._expect_stage(STAGE_MASKED)
         u2 = self._arrived
-        ring_reduce(self._total, self.params.codec.bits)
+        ring_reduce(self._total, self.params.input.bits)
         self.stage = STAGE_UNMASK  # from here on, late masked inputs are rejected
         self.survivors = sorted(u2)
         self.dropped = sorted(set(self.shared) - u2)
@@ -218,16 +321,80 @@ class ServerRound:
                 f"{len(u2)} masked inputs arrived, below t={self.threshold}",
             )
         self._feasible(u2, STAGE_MASKED)
-        dropped = set(self.dropped)
+        if self.params.malicious:
+            quorum = self.params.view_quorum(len(self.participants))
+            if len(u2) < quorum:
+                self.stage = STAGE_DONE
+                raise SecAggAbort(
+                    self.round_num,
+                    STAGE_MASKED,
+                    f"{len(u2)} masked inputs arrived, below the view quorum {quorum} "
+                    f"of {len(self.participants)} participants",
+                )
+            self.stage = STAGE_CONSISTENCY
+            return {
+                u: ConsistencyRequest(self.round_num, list(self.shared), list(self.survivors))
+                for u in self.survivors
+            }
+        return self._unmask_requests()
+
+    def _unmask_requests(self) -> dict[int, UnmaskRequest]:
+        dropped, u2 = set(self.dropped), set(self.survivors)
+        signed = self.signatures
         self._requests = {
             u: UnmaskRequest(
                 self.round_num,
                 sorted((set(self.nbrs[u]) & u2) | {u}),
                 sorted(set(self.nbrs[u]) & dropped),
+                signed,
             )
             for u in self.survivors
         }
         return dict(self._requests)
+
+    # -- stage 2b (malicious): consistency check ---------------------------------------
+    def view(self) -> bytes:
+        """D_V of this round as the server presented it (what every survivor must sign)."""
+        return statements.view_digest(
+            self.run_id, self.round_num, self.p_digest, self.seed, self.shared, self.survivors
+        )
+
+    def receive_consistency(self, replies: dict[int, ConsistencyReply]) -> dict[int, UnmaskRequest]:
+        """Collect every survivor's signature on the view, then ask for the shares.
+
+        A survivor that does not sign aborts the round: honest holders reveal a survivor's
+        self-mask share only with that survivor's own signature on the same view, and its
+        masked input is already in the sum.
+        """
+        self._expect_stage(STAGE_CONSISTENCY)
+        view = self.view()
+        for node, rep in replies.items():
+            adv = self.adverts.get(node)
+            if (
+                node in self.survivors
+                and adv is not None
+                and rep.node == node
+                and rep.round_num == self.round_num
+                and signing.verify(
+                    adv.signer,
+                    rep.signature,
+                    statements.consistency_statement(self.run_id, self.round_num, node, view),
+                )
+            ):
+                self.signatures[node] = rep.signature
+            else:
+                self._reject(node, "consistency signature missing or invalid")
+        unsigned = [u for u in self.survivors if u not in self.signatures]
+        if unsigned:
+            self.stage = STAGE_DONE
+            raise SecAggAbort(
+                self.round_num,
+                STAGE_CONSISTENCY,
+                f"{len(unsigned)} of {len(self.survivors)} survivors did not sign the survivor "
+                "view (refused or dropped)",
+            )
+        self.stage = STAGE_UNMASK
+        return self._unmask_requests()
 
     def _check_masked(self, node: int, rep: MaskedInput) -> None:
         if node not in self.shared:
@@ -239,15 +406,15 @@ class ServerRound:
         w = rep.words
         if (
             not isinstance(w, np.ndarray)
-            or w.dtype != self.params.codec.dtype
+            or w.dtype != self.params.input.dtype
             or w.shape != (self.vector_len,)
         ):
             raise ProtocolViolation(
-                f"masked input of {node} must be {self.params.codec.dtype} of shape "
+                f"masked input of {node} must be {self.params.input.dtype} of shape "
                 f"({self.vector_len},), got {getattr(w, 'dtype', type(w))} "
                 f"{getattr(w, 'shape', '')}"
             )
-        bits = self.params.codec.bits
+        bits = self.params.input.bits
         if bits not in (32, 64) and (w >> np.asarray(bits, dtype=w.dtype)).any():
             raise ProtocolViolation(f"masked input of {node} has words outside Z_2^{bits}")
 
@@ -321,7 +488,7 @@ class ServerRound:
             ]
         # Every check is done before the sum is touched; then one blocked pass over d.
         accumulate(self._total, streams, self.params.prg)
-        return ring_reduce(self._total, self.params.codec.bits)
+        return ring_reduce(self._total, self.params.input.bits)
 
     def _check_unmask(self, node: int, rep: UnmaskReply) -> None:
         req = self._requests.get(node)

@@ -12,7 +12,8 @@ from typing import Any
 from fedstack.crypto.prg import PRG_ALGORITHMS
 from fedstack.crypto.quantise import FixedPointCodec, QuantisationError, auto_scale
 
-from .params import GRAPHS, ProtocolParams
+from .input_codec import codec_for
+from .params import GRAPHS, SECURITIES, SECURITY_MALICIOUS, ProtocolParams
 
 AUTO = 0
 
@@ -48,6 +49,7 @@ class SecAggSettings:
     prg: str = "aes"
     stage_timeout: float = 120.0
     pipeline: bool = True
+    security: str = SECURITY_MALICIOUS
 
     def threshold_spec(self) -> int | float:
         """A value >= 2 is a share count, a value in (0.5, 1] a fraction."""
@@ -75,13 +77,23 @@ class SecAggSettings:
             ) from exc
 
     def protocol(self, cfg: Any = None) -> ProtocolParams:
-        """Protocol parameters shared by server and clients."""
+        """Protocol parameters shared by server and clients (with the run's input codec)."""
+        codec = self.codec(_top(cfg, "max_num_examples"))
+        try:
+            input_codec = codec_for(cfg, codec)
+        except (ImportError, AttributeError) as exc:
+            raise _config_error(
+                f"dp={_top(_top(cfg, 'dp'), 'name')} with aggregation=secagg: its input codec "
+                f"cannot be loaded ({exc})"
+            ) from exc
         return ProtocolParams(
-            codec=self.codec(_top(cfg, "max_num_examples")),
+            codec=codec,
             graph=self.graph,
             neighbours=int(self.neighbours) or None,
             threshold=self.threshold_spec(),
             prg=self.prg,
+            security=self.security,
+            input_codec=input_codec,
         )
 
     def validate(self, cfg: Any = None) -> None:
@@ -92,6 +104,10 @@ class SecAggSettings:
             raise _config_error(f"aggregation.graph={self.graph!r} must be one of {GRAPHS}")
         if self.prg not in PRG_ALGORITHMS:
             raise _config_error(f"aggregation.prg={self.prg!r} must be one of {PRG_ALGORITHMS}")
+        if self.security not in SECURITIES:
+            raise _config_error(
+                f"aggregation.security={self.security!r} must be one of {SECURITIES}"
+            )
         if int(self.neighbours) and (int(self.neighbours) < 2 or int(self.neighbours) % 2):
             raise _config_error(
                 f"aggregation.neighbours={self.neighbours} must be 0 (auto) or an even number >= 2"

@@ -22,9 +22,19 @@ from typing import TypeVar
 
 import numpy as np
 
-from .client import ClientState, SecAggClient, new_client_state
+from fedstack.policy import PolicyRefusal
+
+from .client import ClientState, ClientTrust, SecAggClient, new_client_state
 from .errors import ProtocolViolation
-from .messages import STAGE_ADVERTISE, STAGE_MASKED, STAGE_SHARE, STAGE_UNMASK, Advert
+from .messages import (
+    STAGE_ADVERTISE,
+    STAGE_CONSISTENCY,
+    STAGE_MASKED,
+    STAGE_REVEAL,
+    STAGE_SHARE,
+    STAGE_UNMASK,
+    Advert,
+)
 from .params import ProtocolParams
 from .server import ServerRound
 
@@ -91,12 +101,18 @@ class Meter:
 
 @dataclass
 class SimulatedFederation:
-    """A set of parties whose states persist across rounds as serialised bytes."""
+    """A set of parties whose states persist across rounds as serialised bytes.
+
+    ``trusts``: each node's identity, roster and policy (required by security=malicious);
+    a node without one gets a bare :class:`ClientTrust` of ``run_id``.
+    """
 
     params: ProtocolParams
     nodes: list[int]
     states: dict[int, bytes] = field(default_factory=dict)
     refusals: list[str] = field(default_factory=list)
+    trusts: dict[int, ClientTrust] = field(default_factory=dict)
+    run_id: int = 0
 
     def __post_init__(self) -> None:
         for u in self.nodes:
@@ -112,10 +128,11 @@ class SimulatedFederation:
         """Run one handler on a freshly deserialised client; a refusal counts as a dropout."""
 
         def step() -> object | None:
-            client = SecAggClient(self.params, ClientState.from_bytes(self.states[node]))
+            trust = self.trusts.get(node) or ClientTrust(self.run_id)
             try:
+                client = SecAggClient(self.params, ClientState.from_bytes(self.states[node]), trust)
                 out = handler(client)
-            except ProtocolViolation as exc:
+            except (ProtocolViolation, PolicyRefusal) as exc:
                 self.refusals.append(str(exc))
                 return None
             self.states[node] = client.state.to_bytes()
@@ -172,7 +189,21 @@ class SimulatedFederation:
 
         if adverts is None:
             adverts = self.advertise(round_num, alive(STAGE_ADVERTISE, nodes), meter)
-        server = on_server(lambda: ServerRound(round_num, self.params, d + 1, adverts), STAGE_SHARE)
+        vector_len = self.params.input.words(d)
+        server = on_server(
+            lambda: ServerRound(round_num, self.params, vector_len, adverts, run_id=self.run_id),
+            STAGE_SHARE,
+        )
+        if server.stage == STAGE_REVEAL:
+            rreqs = on_server(server.reveal_requests, STAGE_REVEAL)
+            reveals = {
+                u: self.call(u, lambda c, r=rreqs[u]: c.reveal(r), meter, STAGE_REVEAL)
+                for u in alive(STAGE_REVEAL, rreqs)
+            }
+            on_server(
+                lambda: server.receive_reveals({u: r for u, r in reveals.items() if r}),
+                STAGE_REVEAL,
+            )
         reqs = on_server(server.share_requests, STAGE_SHARE)
         shares = {
             u: self.call(u, lambda c, r=reqs[u]: c.share(r), meter, STAGE_SHARE)
@@ -190,6 +221,15 @@ class SimulatedFederation:
             if masked is not None:
                 on_server(lambda u=u, m=masked: server.add_masked(u, m), STAGE_MASKED)
         ureqs = on_server(server.close_masked, STAGE_MASKED)
+        if self.params.malicious:
+            signed = {
+                u: self.call(u, lambda c, r=ureqs[u]: c.consistency(r), meter, STAGE_CONSISTENCY)
+                for u in alive(STAGE_CONSISTENCY, ureqs)
+            }
+            ureqs = on_server(
+                lambda: server.receive_consistency({u: s for u, s in signed.items() if s}),
+                STAGE_CONSISTENCY,
+            )
         unmasked = {
             u: self.call(u, lambda c, r=ureqs[u]: c.unmask(r), meter, STAGE_UNMASK)
             for u in alive(STAGE_UNMASK, ureqs)

@@ -10,8 +10,17 @@ Exchanges per round (each one ``grid.send_and_receive``, counted in the round lo
 * 4 when a round must set itself up (advertise + share, then train and unmask): the first
   round, ``pipeline: false``, fewer than ``min_train_nodes`` nodes with keys, or a previous
   round that aborted before its unmask exchange.
-Evaluation adds the base's one exchange, as for plain FedAvg. Flower's SecAgg+ needs 4
-protocol exchanges every round.
+
+``security: malicious`` adds the consistency exchange (every survivor signs the survivor
+view before any share is revealed); the next round's graph-seed reveals ride on it, so the
+steady state needs 3 exchanges (train + masked input, consistency + reveals, unmask +
+shares); a round that sets itself up adds advertise, (sparse) reveal and share. Flower's
+SecAgg+ needs 4 protocol exchanges every round.
+
+No federated evaluation under secagg: per-client evaluate replies (loss, accuracy,
+validation size) would leave in the clear; central evaluation stays. After unmasking, the
+sum must lie within what honest clipped inputs can produce (``InputCodec.check_bounds``),
+else the round aborts.
 
 Below the threshold the round aborts: the global model stays as it was, the round log says
 why, and the run goes on.
@@ -32,18 +41,24 @@ from fedstack.log import logger as log
 from fedstack.strategies.fedavg import ValidReply, WeightedFedAvg
 from fedstack.strategies.model_layout import ModelLayout
 from fedstack.strategies.reply_validation import NUM_EXAMPLES_KEY, InvalidReply
+from fedstack.strategies.runtime import is_deployment
 
 from . import wire
-from .errors import ProtocolViolation, SecAggAbort
-from .messages import Advert, MaskedInput, MaskRequest
+from .errors import InputOutOfBounds, ProtocolViolation, SecAggAbort
+from .input_codec import FixedPointInput
+from .messages import STAGE_REVEAL, Advert, MaskedInput, MaskRequest
 from .mod import MASKED_ARRAY, MASKED_RECORD, SECAGG_RECORD
 from .params import ProtocolParams
 from .server import ServerRound
 from .settings import SecAggSettings
 
 PHASE_ADVERTISE = "secagg-advertise"
+PHASE_REVEAL = "secagg-reveal"
 PHASE_SHARE = "secagg-share"
+PHASE_CONSISTENCY = "secagg-consistency"
 PHASE_UNMASK = "secagg-unmask"
+CONSORTIUM_DIR = "consortium"
+"""Run-directory subfolder of the simulation consortium (security=malicious, simulation)."""
 
 
 class SecAggFedAvg(WeightedFedAvg):
@@ -52,8 +67,9 @@ class SecAggFedAvg(WeightedFedAvg):
     server_sees_model = True
     visibility = (
         "only the sum over the surviving clients of their quantised n_k * w_k and "
-        "the sum of their n_k (never one client's update, example count or loss), "
-        "which clients took part or dropped, and the global model"
+        "the sum of their n_k (never one client's update, example count, loss or "
+        "evaluation metrics: no federated evaluation runs under secagg), which clients "
+        "took part or dropped, and the global model"
     )
 
     def __init__(
@@ -62,9 +78,16 @@ class SecAggFedAvg(WeightedFedAvg):
         settings: SecAggSettings | None = None,
         params: ProtocolParams | None = None,
         num_rounds: int | None = None,
+        run_dir: Path | None = None,
+        num_clients: int | None = None,
         **common: Any,
     ) -> None:
         super().__init__(**common)
+        self.run_dir = run_dir
+        self.num_clients = num_clients
+        #: security=malicious in simulation: the consortium directory the run proposes
+        self._consortium: str | None = None
+        self._run_id = 0
         self.settings = settings or SecAggSettings()
         self.params = params or self.settings.protocol({"max_num_examples": self.max_num_examples})
         self.num_rounds = num_rounds
@@ -83,8 +106,34 @@ class SecAggFedAvg(WeightedFedAvg):
             settings=settings,
             params=settings.protocol(cfg),
             num_rounds=int(cfg.num_rounds),
+            run_dir=run_dir,
+            num_clients=int(cfg.num_clients),
             **common,
         )
+
+    def _prepare_trust(self, grid: Grid) -> None:
+        """Bind signatures to the run; in simulation under security=malicious, create the
+        run's consortium (one identity per partition) and propose it to the nodes.
+
+        A node that pins its own roster ignores the proposal; deployment never proposes one
+        (each node must pin a roster and an identity-key in its node config).
+        """
+        run = getattr(grid, "run", None)
+        self._run_id = int(getattr(run, "run_id", 0) or 0)
+        if not self.params.malicious or self._consortium is not None or is_deployment(grid):
+            return
+        if self.run_dir is None or not self.num_clients:
+            return
+        from fedstack.consortium import simulation_consortium
+
+        directory = Path(self.run_dir) / CONSORTIUM_DIR
+        simulation_consortium(directory, int(self.num_clients))
+        self._consortium = str(directory.resolve())
+
+    def _part(self, part: wire.Wire) -> wire.Wire:
+        if self._consortium is not None:
+            part[wire.CONSORTIUM] = self._consortium
+        return part
 
     # ------------------------------------------------------------------ helpers
 
@@ -96,7 +145,7 @@ class SecAggFedAvg(WeightedFedAvg):
         """One protocol exchange; returns each valid reply's secagg record, notes the rest."""
         messages = [
             Message(
-                RecordDict({"config": self._config, SECAGG_RECORD: ConfigRecord(p)}),
+                RecordDict({"config": self._config, SECAGG_RECORD: ConfigRecord(self._part(p))}),
                 dst_node_id=u,
                 message_type=MessageType.TRAIN,
             )
@@ -157,6 +206,13 @@ class SecAggFedAvg(WeightedFedAvg):
                 {u: a for u, a in self._adverts.pop(server_round, {}).items() if u in nodes}
             )
         srv = self._new_round(server_round, adverts)
+        if srv.stage == STAGE_REVEAL:
+            replies = self._stage(
+                grid,
+                {u: wire.encode_reveal_request(q) for u, q in srv.reveal_requests().items()},
+                PHASE_REVEAL,
+            )
+            self._close_reveals(srv, replies)
         replies = self._stage(
             grid,
             {u: wire.encode_share_request(q) for u, q in srv.share_requests().items()},
@@ -174,10 +230,29 @@ class SecAggFedAvg(WeightedFedAvg):
 
     def _new_round(self, server_round: int, adverts: dict[int, Advert]) -> ServerRound:
         assert self._spec is not None
-        srv = ServerRound(server_round, self.params, self._spec.size + 1, adverts)
+        srv = ServerRound(
+            server_round,
+            self.params,
+            self.params.input.words(self._spec.size),
+            adverts,
+            run_id=self._run_id,
+        )
         for node, reason in srv.rejected.items():
             self._note_dropout(node, reason)
         return srv
+
+    def _close_reveals(self, srv: ServerRound, replies: dict[int, dict]) -> None:
+        """Fix the agreed graph seed (raises SecAggAbort if a participant did not reveal)."""
+        reveals = self._decode(
+            {u: w for u, w in replies.items() if wire.REVEAL_REP in w},
+            wire.decode_reveal_reply,
+            PHASE_REVEAL,
+        )
+        try:
+            srv.receive_reveals(reveals)
+        finally:
+            for node, reason in srv.rejected.items():
+                self._note_dropout(node, reason)
 
     def _close_shares(self, srv: ServerRound, shares: dict) -> dict[int, MaskRequest]:
         reqs = srv.receive_shares(shares)
@@ -193,6 +268,7 @@ class SecAggFedAvg(WeightedFedAvg):
         self._grid = grid
         self._round = None
         self._spec = ModelLayout.of(arrays)
+        self._prepare_trust(grid)
         self._config = self._with_round(config, server_round)
         prepared = self._prepared.pop(server_round, None)
         try:
@@ -216,7 +292,7 @@ class SecAggFedAvg(WeightedFedAvg):
         )
         messages = []
         for node, req in mask_requests.items():
-            part = wire.encode_mask_request(req)
+            part = self._part(wire.encode_mask_request(req))
             if ask_keys:
                 part[wire.ADVERTISE_REQ] = server_round + 1
             messages.append(
@@ -288,10 +364,15 @@ class SecAggFedAvg(WeightedFedAvg):
         finally:
             for node, reason in srv.rejected.items():
                 self.round_log.rejected.setdefault(node, reason)
+        nxt, later = self._pipeline_next(grid, server_round)
+        aborted: SecAggAbort | None = None
+        if self.params.malicious:
+            unmask_requests, nxt, aborted = self._consistency(
+                grid, server_round, srv, unmask_requests, nxt
+            )
         parts: dict[int, wire.Wire] = {
             u: wire.encode_unmask_request(q) for u, q in unmask_requests.items()
         }
-        nxt, later = self._pipeline_next(grid, server_round)
         if nxt is not None:
             for u, q in nxt.share_requests().items():
                 parts.setdefault(u, {}).update(wire.encode_share_request(q))
@@ -309,26 +390,81 @@ class SecAggFedAvg(WeightedFedAvg):
                 self._prepared[server_round + 1] = (nxt, self._close_shares(nxt, shares))
             except SecAggAbort as exc:
                 self._prepared[server_round + 1] = exc
+        if aborted is not None:
+            self._record(srv)
+            self._abort(aborted)
+            return None, None
         unmasked = self._decode(
             {u: w for u, w in replies_by_node.items() if u in unmask_requests},
             wire.decode_unmask_reply,
             PHASE_UNMASK,
         )
+        codec = self.params.input
         try:
             total = srv.receive_unmask(unmasked)
-            weighted, weight = self.params.codec.decode(total)
-            if weight <= 0:
-                raise SecAggAbort(server_round, "unmask", "the survivors' total weight is zero")
+            if isinstance(codec, FixedPointInput):
+                weighted, weight_sum = self.params.codec.decode(total)
+                self.computed_view = {"ring_sum": total, "weighted_sum": weighted,
+                                      "weight_sum": np.asarray(weight_sum)}  # audit mode's record
+            else:
+                self.computed_view = {"ring_sum": total}
+            try:  # both modes: a sum honest inputs cannot produce keeps the previous model
+                codec.check_bounds(total, len(srv.survivors))
+                mean, weight = codec.decode(total, len(srv.survivors))
+            except InputOutOfBounds as exc:
+                raise SecAggAbort(server_round, "unmask", str(exc)) from exc
         except SecAggAbort as exc:
             self._record(srv)
             self._abort(exc)
             return None, None
         self._record(srv)
-        arrays = self._to_arrays(weighted / weight)
+        arrays = self._to_arrays(mean)
         self.round_log.aggregated = list(srv.survivors)
         metrics = {NUM_EXAMPLES_KEY: float(weight)}
         self.round_log.train_metrics = metrics
         return arrays, MetricRecord(metrics)
+
+    def _consistency(
+        self,
+        grid: Grid,
+        server_round: int,
+        srv: ServerRound,
+        requests: dict,
+        nxt: ServerRound | None,
+    ) -> tuple[dict, ServerRound | None, SecAggAbort | None]:
+        """security=malicious: every survivor signs the survivor view; the next round's
+        graph-seed reveals ride on the same exchange.
+
+        Returns (this round's unmask requests, the next round if still usable, this round's
+        abort or None). An aborted round still lets the next round's shares ride on the
+        unmask exchange: its clients have revealed their nonces already.
+        """
+        parts: dict[int, wire.Wire] = {
+            u: wire.encode_consistency_request(q) for u, q in requests.items()
+        }
+        revealing = nxt is not None and nxt.stage == STAGE_REVEAL
+        if revealing:
+            for u, q in nxt.reveal_requests().items():
+                parts.setdefault(u, {}).update(wire.encode_reveal_request(q))
+        replies = self._stage(grid, parts, PHASE_CONSISTENCY)
+        if revealing:
+            try:
+                self._close_reveals(nxt, replies)
+            except SecAggAbort as exc:
+                self._prepared[server_round + 1] = exc
+                nxt = None
+        signatures = self._decode(
+            {u: w for u, w in replies.items() if u in requests and wire.CONSISTENCY_REP in w},
+            wire.decode_consistency_reply,
+            PHASE_CONSISTENCY,
+        )
+        try:
+            return srv.receive_consistency(signatures), nxt, None
+        except SecAggAbort as exc:
+            return {}, nxt, exc
+        finally:
+            for node, reason in srv.rejected.items():
+                self.round_log.rejected.setdefault(node, reason)
 
     def _pipeline_next(self, grid: Grid, server_round: int) -> tuple[ServerRound | None, list[int]]:
         """Round r+1's share stage rides on round r's unmask exchange.
@@ -355,6 +491,13 @@ class SecAggFedAvg(WeightedFedAvg):
             self._prepared[nxt] = exc
             return None, later
 
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """None under secagg: per-client evaluate replies would leave in the clear (central
+        evaluation of the public global model stays)."""
+        return []
+
     def _to_arrays(self, mean: np.ndarray) -> ArrayRecord:
         """The new global model in the layout's dtypes (integer buffers rounded)."""
         assert self._spec is not None
@@ -371,6 +514,7 @@ class SecAggFedAvg(WeightedFedAvg):
             "dropped": list(srv.dropped),
             "stage": srv.stage,
             "pipelined_next": (self.round_log.server_round + 1) in self._prepared,
-            "ring_bits": self.params.codec.bits,
+            "ring_bits": self.params.input.bits,
             "scale": self.params.codec.scale,
+            "security": self.params.security,
         }
