@@ -539,16 +539,28 @@ def check_dp_model_of_task(cfg: Any, task: Any, model: Any) -> None:
 
 
 def _check_dp_delta(cfg: Any, sizes: list[ClientSizes]) -> None:
-    """dp=local with a fixed δ: every client needs δ < 1/n_k (fedstack.privacy.engine refuses
-    to train otherwise, and the client declines every round)."""
-    if cfg.dp.name != "local" or cfg.dp.get("delta") is None:
+    """dp=local: every client needs δ < 1/n_k (fedstack.privacy.engine refuses to train
+    otherwise, and the client declines every round). The δ is `dp.delta`, or under the
+    public schedule (secagg/he, or `dp.sample_rate` set) the run-wide δ every client uses,
+    whose default 1/(10·bound) is below 1/n_k for any client within the weight bound."""
+    from fedstack.privacy.schedule import public_schedule
+
+    if cfg.dp.name != "local":
         return
-    delta = float(cfg.dp.delta)
+    schedule = public_schedule(cfg)
+    if schedule is not None:
+        delta, key = schedule.delta, ("dp.delta" if cfg.dp.get("delta") is not None
+                                      else "the public schedule's delta")
+    elif cfg.dp.get("delta") is not None:
+        delta, key = float(cfg.dp.delta), "dp.delta"
+    else:
+        return
     bad = [c for c in sizes if delta >= 1.0 / c.train]
     if bad:
         listed = "; ".join(f"client {c.partition_id} has {c.train} (1/n = {1.0 / c.train:.3g})"
                            for c in bad)
         largest = max(c.train for c in sizes)
-        raise ConfigError(f"dp.delta={delta:g} is not below 1/n_k for every client: {listed}; "
+        raise ConfigError(f"{key}={delta:g} is not below 1/n_k for every client: {listed}; "
                           f"use dp.delta < {1.0 / largest:.3g} or leave it null "
-                          f"(1/(10 n_k) per client)")
+                          f"(1/(10 n_k) per client; 1/(10 x the bound on n_k) under the "
+                          "public schedule)")

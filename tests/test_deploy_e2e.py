@@ -192,7 +192,8 @@ def test_secagg_dp_resumes_after_superlink_crash(deployment: LocalDeployment) ->
     run_config = {**BASE_RUN, "aggregation": "secagg", "dp": "local"}
     on_line, fired = _kill_when_round_done(1, deployment.kill_superlink)
     first = deployment.run(run_config,
-                           [*BASE_OVERRIDES, f"dp.max_epsilon={CRASH_TEST_MAX_EPSILON}"],
+                           [*BASE_OVERRIDES, "dp.sample_rate=0.125",
+                            f"dp.max_epsilon={CRASH_TEST_MAX_EPSILON}"],
                            run_name="secagg-dp", timeout=400, on_line=on_line)
     assert fired.is_set(), _explain(first)
     run_dir = deployment.outputs_dir / "secagg-dp"

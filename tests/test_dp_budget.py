@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
+from flwr.app import RecordDict
 from torch.utils.data import TensorDataset
 
+from fedstack.config import compose_config
+from fedstack.policy import PolicyError
 from fedstack.privacy.accountant_state import PrivacyState
-from fedstack.privacy.budget import check_round, effective_budget, parse_node_budget
+from fedstack.privacy.budget import check_round, effective_budget
+from fedstack.privacy.local_trainer import ContextDPTrainer
 from fedstack.privacy.settings import LocalDPSettings
 from fedstack.privacy.trainer import DPTrainer
 from fedstack.task.models import build_model
@@ -94,12 +99,20 @@ def test_check_round_reports_numbers() -> None:
     assert d.allowed and d.epsilon_after > d.epsilon_spent > 0 and d.reason is None
 
 
-@pytest.mark.parametrize("value,expected", [("2.5", 2.5), (3, 3.0), ("", None), (None, None)])
-def test_parse_node_budget(value, expected) -> None:
-    assert parse_node_budget(value) == expected
+def test_node_budget_comes_from_the_node_policy(tmp_path) -> None:
+    """`max-epsilon` inline and in the node's policy file: the stricter one is the budget."""
+    policy_file = tmp_path / "policy.toml"
+    policy_file.write_text("max-epsilon = 2.5\n")
+    cfg = compose_config(["dp=local", f"output_dir={tmp_path}"])
 
+    def trainer_of(node_config: dict) -> ContextDPTrainer:
+        context = SimpleNamespace(node_config={"partition-id": 0, **node_config},
+                                  state=RecordDict(), node_id=1)
+        return ContextDPTrainer(cfg, context)
 
-@pytest.mark.parametrize("value", ["abc", "-1", "0", "inf"])
-def test_parse_node_budget_rejects(value) -> None:
-    with pytest.raises(ValueError, match="max-epsilon"):
-        parse_node_budget(value)
+    assert trainer_of({"max-epsilon": "3", "policy": str(policy_file)}).trainer \
+        .node_max_epsilon == 2.5
+    assert trainer_of({"max-epsilon": 3}).trainer.node_max_epsilon == 3.0
+    assert trainer_of({}).trainer.node_max_epsilon is None
+    with pytest.raises(PolicyError, match="max-epsilon"):
+        trainer_of({"max-epsilon": "-1"})

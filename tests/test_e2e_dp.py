@@ -16,6 +16,7 @@ import pytest
 from fedstack.cli import run_in_simulation
 from fedstack.config import compose_config
 from fedstack.privacy.calibration import derive_noise_multiplier
+from fedstack.privacy.schedule import public_schedule
 from fedstack.privacy.settings import LocalDPSettings
 from fedstack.task.client_data import load_client_data
 
@@ -65,11 +66,15 @@ def test_dp_fedavg_learns_digits_and_lands_on_target_epsilon(tmp_path: Path) -> 
 def test_dp_stacks_and_exhausted_clients_stop_the_run(tmp_path: Path, aggregation: str) -> None:
     base = ["task=breast_cancer", "partition=iid", "num_clients=3", "num_rounds=4",
             f"aggregation={aggregation}", "dp=local", "dp.noise_multiplier=1.2",
-            "dp.target_epsilon=null", f"output_dir={tmp_path}", "run_name=r"]
-    probe = compose_config(base)
+            "dp.target_epsilon=null", "dp.sample_rate=0.125", f"output_dir={tmp_path}",
+            "run_name=r"]
+    # Under secagg/he every client follows the run's public DP schedule (docs/dp.md), so its
+    # epsilon is the same function of the config for all clients.
+    schedule = public_schedule(compose_config(base))
+    assert schedule is not None
     # A budget that fits exactly two rounds for every client: round 3 is declined by all.
-    budget = min(_one_shot(probe, p, 1.2, 3) for p in range(3)) * 0.999
-    assert budget > max(_one_shot(probe, p, 1.2, 2) for p in range(3))
+    budget = schedule.epsilon_after(3) * 0.999
+    assert budget > schedule.epsilon_after(2)
     cfg = compose_config([*base, f"dp.max_epsilon={budget}"])
     summary = run_in_simulation(cfg)
     assert summary["rounds_completed"] == 2 and summary["rounds_failed"] == [3], summary
@@ -78,7 +83,7 @@ def test_dp_stacks_and_exhausted_clients_stop_the_run(tmp_path: Path, aggregatio
     assert sorted(summary["clients_exhausted"]) == ["0", "1", "2"]
     for pid in range(3):
         assert summary["epsilon_per_client"][str(pid)] == pytest.approx(
-            _one_shot(cfg, pid, 1.2, 2), rel=1e-9)
+            schedule.epsilon_after(2), rel=1e-9)
     report = (tmp_path / "r" / "privacy_report.md").read_text()
     assert "run stopped early" in report and "privacy budget exhausted" in report
     rows = [json.loads(x) for x in (tmp_path / "r" / "history.jsonl").read_text().splitlines()]

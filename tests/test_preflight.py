@@ -3,6 +3,7 @@ key, creates nothing, and agrees with what the clients' own data code would do."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -121,6 +122,27 @@ def test_dp_delta_not_below_one_over_n_is_refused(tmp_path: Path) -> None:
         check_run(cfg, deployment=False)
     ok = _cfg(tmp_path, "task=breast_cancer", "dp=local", "dp.delta=0.001")
     assert check_run(ok, deployment=False).clients
+
+
+def test_dp_public_schedule_delta_is_checked_against_every_partition(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under secagg the run-wide δ (1/(10 x the bound on n_k)) is what every client uses:
+    below 1/n_k for every partition within the bound; checked again on the real sizes."""
+    cfg = _cfg(tmp_path, "task=breast_cancer", "aggregation=secagg", "dp=local",
+               "dp.sample_rate=0.25")
+    assert check_run(cfg, deployment=False).clients
+    from fedstack.privacy import schedule
+
+    real = schedule.public_schedule
+
+    def loose(c):  # a schedule whose δ the bound did not keep below 1/n_k
+        found = real(c)
+        return None if found is None else dataclasses.replace(found, delta=0.05)
+
+    monkeypatch.setattr(schedule, "public_schedule", loose)
+    with pytest.raises(ConfigError, match=r"the public schedule's delta=0\.05 is not below "
+                                          r"1/n_k .*client \d+ has \d+"):
+        check_run(cfg, deployment=False)
 
 
 # --------------------------------------------------------------------------- output_dir, resume

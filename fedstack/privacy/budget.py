@@ -3,14 +3,13 @@
 Why before: once a noisy update has left the client its privacy cost is spent, so a check
 after training would let the last round overshoot. The decision simulates the accountant
 with this round's steps added and declines if ε would exceed the budget. A data owner may
-tighten the run's budget on its own node (node config `max-epsilon`), never loosen it.
+tighten the run's budget on its own node (`max-epsilon` in its node config or policy file,
+read through `fedstack.policy.NodePolicy`), never loosen it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
 from fedstack.log import get_logger
 from fedstack.privacy.accountant_state import PrivacyState
@@ -31,19 +30,6 @@ class BudgetDecision:
     epsilon_after: float
     max_epsilon: float | None
     reason: str | None = None
-
-
-def parse_node_budget(value: Any) -> float | None:
-    """A node-config `max-epsilon` value (number or string) as a positive float."""
-    if value is None or (isinstance(value, str) and value.strip() == ""):
-        return None
-    try:
-        budget = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"node config max-epsilon={value!r} is not a number") from None
-    if not (math.isfinite(budget) and budget > 0):
-        raise ValueError(f"node config max-epsilon={value!r} must be a positive number")
-    return budget
 
 
 def effective_budget(run_budget: float | None, node_budget: float | None) -> float | None:

@@ -42,12 +42,21 @@ from fedstack.privacy.calibration import (
 )
 from fedstack.privacy.model_check import DPModelError, dp_problems, make_dp_compatible
 from fedstack.privacy.poisson import PoissonBatches, secret_generator
+from fedstack.privacy.schedule import PublicSchedule
 from fedstack.privacy.secure_random import AesCtrRandom, RandomSource, TorchRandom
 from fedstack.privacy.settings import GRAD_SAMPLE_MODES, LocalDPSettings
 
 log = get_logger(__name__)
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+def public_plan(num_examples: int, batch_size: int, schedule: PublicSchedule) -> SamplingPlan:
+    """Poisson sampling of one client's data at the run's public rate and steps."""
+    if num_examples < 1:
+        raise ValueError(f"a client needs at least one training example, got {num_examples}")
+    return SamplingPlan(num_examples, batch_size, schedule.steps_per_epoch,
+                        schedule.sample_rate)
 
 
 class DPSetupError(ValueError):
@@ -98,13 +107,19 @@ class LocalDP:
         state: PrivacyState | None = None,
         node_max_epsilon: float | None = None,
         generator: torch.Generator | None = None,
+        schedule: PublicSchedule | None = None,
     ) -> None:
         if local_epochs < 1 or planned_rounds < 1:
             raise ValueError("local_epochs and planned_rounds must be >= 1")
         if settings.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"unknown grad_sample_mode {settings.grad_sample_mode!r}")
         self.settings = settings
-        self.plan: SamplingPlan = sampling_plan(num_examples, batch_size)
+        #: The run's public schedule (secagg/he): q, steps, δ and σ independent of n_k.
+        self.schedule = schedule
+        self.plan: SamplingPlan = (
+            sampling_plan(num_examples, batch_size) if schedule is None
+            else public_plan(num_examples, batch_size, schedule)
+        )
         self.local_epochs = int(local_epochs)
         self.planned_rounds = int(planned_rounds)
         self.steps_per_round = self.local_epochs * self.plan.steps_per_epoch
@@ -134,7 +149,10 @@ class LocalDP:
 
     def _initial_delta(self) -> float:
         n = self.plan.num_examples
-        delta = self.settings.delta if self.settings.delta is not None else default_delta(n)
+        if self.schedule is not None:
+            delta = self.schedule.delta
+        else:
+            delta = self.settings.delta if self.settings.delta is not None else default_delta(n)
         if delta >= 1.0 / n:
             raise DPSetupError(
                 f"dp.delta={delta:g} is not below 1/n_k={1.0 / n:g} for a client with {n} "
@@ -144,6 +162,8 @@ class LocalDP:
         return float(delta)
 
     def _initial_noise_multiplier(self) -> float:
+        if self.schedule is not None:
+            return self.schedule.noise_multiplier()
         if self.settings.noise_multiplier is not None:
             return float(self.settings.noise_multiplier)
         assert self.settings.target_epsilon is not None  # validated: exactly one is set

@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedstack.log import get_logger
+from fedstack.policy import node_policy
 from fedstack.privacy.accountant_state import PrivacyState
-from fedstack.privacy.budget import parse_node_budget
 from fedstack.privacy.ledger_sync import (
     ACCOUNTANT_RECORD,
     LEDGER_RECORD,
@@ -34,7 +34,8 @@ from fedstack.privacy.ledger_sync import (
     parse_server_record,
     reconcile,
 )
-from fedstack.privacy.settings import NODE_MAX_EPSILON_KEY, LocalDPSettings
+from fedstack.privacy.schedule import public_schedule
+from fedstack.privacy.settings import LocalDPSettings
 from fedstack.privacy.trainer import DPTrainer
 from fedstack.task.training import TrainOutcome
 
@@ -92,12 +93,6 @@ def longer_history(*states: PrivacyState | None) -> PrivacyState | None:
     return max(present, key=lambda s: s.steps) if present else None
 
 
-def node_max_epsilon(context: Any) -> float | None:
-    """The data owner's own budget from its node config (`max-epsilon`), if any."""
-    node_config = getattr(context, "node_config", None) or {}
-    return parse_node_budget(node_config.get(NODE_MAX_EPSILON_KEY))
-
-
 class ContextDPTrainer:
     """A `LocalTrainer` that loads and saves its privacy state in a Flower context.
 
@@ -127,14 +122,17 @@ class ContextDPTrainer:
         self.refusal = resolved.decline
         #: Whether a decline of this round holds for the rest of the run.
         self.decline_permanent = resolved.permanent if resolved.decline is not None else True
+        policy = node_policy(context)
         self.trainer = DPTrainer(
             cfg.task,
             settings,
             planned_rounds=int(cfg.num_rounds),
             state=resolved.state,
-            node_max_epsilon=node_max_epsilon(context),
+            node_max_epsilon=policy.max_epsilon,
             generator=generator,
             per_example_loss=per_example_loss,
+            schedule=public_schedule(cfg),
+            policy=policy,
         )
 
     def train(self, model: nn.Module, data: TensorDataset, server_round: int) -> TrainOutcome:

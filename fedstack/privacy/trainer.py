@@ -17,12 +17,19 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedstack.log import get_logger
+from fedstack.policy import NodePolicy, PolicyRefusal
 from fedstack.privacy.accountant_state import PrivacyState
+from fedstack.privacy.budget import BUDGET_EXHAUSTED_PREFIX
 from fedstack.privacy.engine import DPSetupError, LocalDP, PerExampleLoss
+from fedstack.privacy.schedule import PublicSchedule
 from fedstack.privacy.settings import LocalDPSettings
 from fedstack.task.training import TrainOutcome, make_optimizer
 
 log = get_logger(__name__)
+
+#: Decline reason of a client DP cannot run on (e.g. δ not below 1/n_k). Under the public
+#: schedule it is all the server gets: the details name n_k, so they stay in the node's log.
+DP_SETUP_DECLINE = "DP cannot run on this client"
 
 
 class DPTrainer:
@@ -38,8 +45,14 @@ class DPTrainer:
         node_max_epsilon: float | None = None,
         generator: torch.Generator | None = None,
         per_example_loss: PerExampleLoss | None = None,
+        schedule: PublicSchedule | None = None,
+        policy: NodePolicy | None = None,
     ) -> None:
         self.task = task
+        #: The run's public schedule (secagg/he), or None for per-client parameters.
+        self.schedule = schedule
+        #: The data owner's policy: its noise floor refuses a round before any step.
+        self.policy = policy
         #: The task's loss (None: cross-entropy), clipped per example like the default.
         self.per_example_loss = per_example_loss
         self.dp = dp
@@ -58,6 +71,7 @@ class DPTrainer:
             state=self.state,
             node_max_epsilon=self.node_max_epsilon,
             generator=self.generator,
+            schedule=self.schedule,
         )
 
     def train(self, model: nn.Module, data: TensorDataset, server_round: int) -> TrainOutcome:
@@ -67,16 +81,30 @@ class DPTrainer:
             # A setting this client can never satisfy: decline (for good), do not crash.
             log.warning("round %s declined: %s", server_round, exc)
             return TrainOutcome(num_examples=0, train_loss=float("nan"), metrics={},
-                                declined=f"DP cannot run on this client: {exc}")
+                                declined=(DP_SETUP_DECLINE if self.schedule is not None
+                                          else f"{DP_SETUP_DECLINE}: {exc}"))
+        if self.policy is not None:
+            try:
+                self.policy.check_dp(name=self.dp.name, noise_multiplier=session.noise_multiplier,
+                                     epsilon=None)
+            except PolicyRefusal as refusal:
+                # The floor is the data owner's: a fixed reason code, the numbers in its log.
+                log.warning("round %s refused by this node's policy (%s): %s", server_round,
+                            refusal.code, refusal.detail)
+                return TrainOutcome(num_examples=0, train_loss=float("nan"), metrics={},
+                                    declined=refusal.reason)
         decision = session.check_budget()
         if not decision.allowed:
             log.info("round %s declined: %s", server_round, decision.reason)
             self.state = session.state
+            # Under the public schedule the server gets the fixed prefix only (the numbers
+            # are in this node's log).
             return TrainOutcome(
                 num_examples=0,
                 train_loss=float("nan"),
                 metrics=_declined_metrics(session, decision.epsilon_spent),
-                declined=decision.reason,
+                declined=(BUDGET_EXHAUSTED_PREFIX if self.schedule is not None
+                          else decision.reason),
             )
         # The model must keep its architecture (its arrays go back to the server as they
         # are), so no fix is allowed here and the optimizer is the task's, over its params.
