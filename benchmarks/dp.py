@@ -15,6 +15,10 @@ Part 2 (`--utility`): privacy-utility sweep through `fedstack run -m` (Hydra mul
 ε ∈ {1, 2, 4, 8, ∞} on digits with 5 clients, IID and Dirichlet(0.5) partitions; final
 central test accuracy per (ε, partition), a table and a PNG plot.
 
+Part 3 (`--utility-levels`): client-level DP (`dp=central`, and each mechanism registered in
+`benchmarks/dp_levels.py`) against non-private FedAvg, digits over 100 and 10 clients,
+client-level ε ∈ {1, 2, 4, 8}; in-process (no Ray). Table dp_levels.md, plot dp_levels.png.
+
 Results: benchmarks/results/dp.json (each part updates its own key), dp_utility.png.
 """
 
@@ -326,12 +330,17 @@ def main() -> None:
                              f"--quick {SWEEP_ROUNDS_QUICK})")
     parser.add_argument("--collect-only", action="store_true",
                         help="only tabulate the runs already in --sweep-dir")
+    parser.add_argument("--utility-levels", action="store_true",
+                        help="part 3 only: client-level DP mechanisms vs non-private FedAvg")
+    parser.add_argument("--mechanisms", default=None,
+                        help="part 3: comma-separated mechanisms (default: all registered)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for part 1 (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    do_speed = args.speed or not args.utility
+    do_levels = args.utility_levels
+    do_speed = args.speed or not (args.utility or do_levels)
     do_utility = args.utility
     RESULTS.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = json.loads(RESULT_FILE.read_text()) if RESULT_FILE.exists() else {}
@@ -367,12 +376,23 @@ def main() -> None:
         print_utility(utility)
         plot_utility(utility, PLOT_FILE)
         result["utility"] = utility
+    if do_levels:
+        import dp_levels
+
+        levels = dp_levels.run(args.quick, args.mechanisms.split(",") if args.mechanisms
+                               else None)
+        table = dp_levels.table_markdown(levels)
+        print("\n" + table)
+        (RESULTS / "dp_levels.md").write_text(table)
+        dp_levels.plot(levels, RESULTS / "dp_levels.png")
+        result["utility_levels"] = levels
     # Re-read before writing: the two parts may run as separate (even concurrent) processes,
     # and each must keep the other's results.
     latest = json.loads(RESULT_FILE.read_text()) if RESULT_FILE.exists() else {}
     fresh_keys = (["speed", "default_mode", "opacus_overhead_ratio",
                    "opacus_overhead_ratio_paired_median", "best_opacus_mode_ratio"]
-                  if do_speed else []) + (["utility"] if do_utility else [])
+                  if do_speed else []) + (["utility"] if do_utility else []) + (
+                      ["utility_levels"] if do_levels else [])
     latest.update({k: result[k] for k in ["machine", *fresh_keys]})
     RESULT_FILE.write_text(json.dumps(latest, indent=2))
     print(f"wrote {RESULT_FILE}")

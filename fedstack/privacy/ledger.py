@@ -5,7 +5,10 @@ noise), but the run owner needs one place that says which layers were on, what t
 could see, and how much ε each client has spent against its budget, and it must survive a
 server restart. The ledger *records* clients' reports; it never computes ε itself, so the
 report shows exactly what the clients enforced, and `privacy.json` keeps each client's
-accountant history so that anyone can recompute that ε with Opacus (docs/dp.md).
+accountant history so that anyone can recompute that ε with Opacus (docs/dp.md). Under the
+public schedule (secagg/he: `fedstack.privacy.schedule`) ε is a public function of the config
+and the rounds a client trained, so there the ledger does recompute it, and refuses a reply
+whose ε or δ is off that schedule (Opacus is then imported lazily, on the first reply).
 
 It is also the clients' memory of last resort, and it is monotonic: each train message
 carries the receiving client's last recorded accountant state (`fedstack.privacy.
@@ -30,6 +33,8 @@ from typing import Any
 
 from fedstack.privacy.accountant_state import STATE_FORMAT, PrivacyState, PrivacyStateError
 from fedstack.privacy.budget import BUDGET_EXHAUSTED_PREFIX
+from fedstack.privacy.clear_view import clear_items
+from fedstack.privacy.distributed.report import GUARANTEE as DISTRIBUTED_GUARANTEE
 from fedstack.privacy.ledger_sync import (
     CLIENT_KEY,
     EPSILON_RELATIVE_SLACK,
@@ -44,6 +49,7 @@ from fedstack.privacy.ledger_sync import (
     reply_state,
     server_record,
 )
+from fedstack.privacy.schedule import ROUNDS_SLACK, PublicSchedule, public_schedule
 
 LEDGER_FILE = "privacy.json"
 REPORT_FILE = "privacy_report.md"
@@ -64,6 +70,17 @@ AGGREGATION_LAYERS = {
     "he": ("CKKS homomorphic averaging: the server adds ciphertexts and never holds the "
            "secret key"),
 }
+#: Per DP layer: the unit its ε protects and whom the guarantee requires to be trusted.
+DP_GUARANTEES: dict[str, dict[str, str]] = {
+    "local": {"unit": "record", "trusted": "nobody: each client adds the noise to its own "
+                                           "training (DP-SGD)"},
+    "central": {"unit": "client", "trusted": "the server: it sees every client's update in "
+                                             "the clear and must clip it and add the noise "
+                                             "honestly"},
+    "distributed": DISTRIBUTED_GUARANTEE,
+}
+#: Key of the client-level accountant's record in privacy.json (dp=central/distributed).
+CLIENT_LEVEL_KEY = "client_level"
 
 
 @dataclass
@@ -179,12 +196,21 @@ class PrivacyLedger:
             getattr(strategy, "visibility", "") or "")
         self.dp = _dp_settings_of(cfg)
         self.num_clients = int(cfg.num_clients) if cfg is not None else None
+        #: The run's public DP schedule (secagg/he): every reply's ε and δ must be on it.
+        self.schedule: PublicSchedule | None = public_schedule(cfg) if cfg is not None else None
+        #: What the server receives in the clear under this stack (privacy report).
+        self.in_the_clear: list[str] = (
+            clear_items(str(cfg.aggregation.name), self.dp_name, self.schedule)
+            if cfg is not None else [])
         self.entries: list[ClientEntry] = []
         #: client -> its latest accepted accounting (what train messages carry back).
         self.accounts: dict[str, ClientAccount] = {}
         self.rounds_closed: list[int] = []
         self.stopped: str | None = None
         self._strategy = strategy
+        #: The client-level accountant's record (privacy.json `client_level`), kept from a
+        #: strategy with `client_level_record()` (dp=central/distributed).
+        self.client_level: dict[str, Any] | None = None
         #: node id -> client, as learnt in *this* process (node ids change across restarts).
         self._node_clients: dict[int, str] = {}
         #: node id -> this round's train reply accounting, checked before aggregation.
@@ -219,6 +245,9 @@ class PrivacyLedger:
                               rejected=round_log.rejected.get(node))
         if server_round >= 1 and server_round not in self.rounds_closed:
             self.rounds_closed.append(server_round)
+        client_level = getattr(self._strategy, "client_level_record", None)
+        if client_level is not None:
+            self.client_level = client_level().to_json()
         record.update(self.round_columns(server_round))
         record["client_of_node"] = {
             str(node): self._node_clients[node]
@@ -274,18 +303,25 @@ class PrivacyLedger:
         except PrivacyStateError as exc:
             state, refused = None, f"unreadable accountant record: {exc}"
         else:
-            refused = self.vet(client, _finite_or_none(metrics.get("epsilon")), state)
+            refused = self.vet(client, _finite_or_none(metrics.get("epsilon")), state,
+                               delta=_finite_or_none(metrics.get("delta")))
         self._replies[int(node_id)] = _Reply(client, state, refused, dict(metrics))
         return refused
 
     # -- recording ------------------------------------------------------------------------
     def vet(self, client: str, epsilon: float | None,
-            state: PrivacyState | None) -> str | None:
+            state: PrivacyState | None, *, delta: float | None = None) -> str | None:
         """Why a reply's accounting cannot be accepted (None: it can).
 
         The ledger is monotonic: a client's cumulative ε never goes down and its accountant
-        history only ever extends the one recorded before.
+        history only ever extends the one recorded before. Under the public schedule ε, δ
+        and the history must also be the schedule's, which the ledger recomputes.
         """
+        if self.schedule is not None:
+            off = self.schedule.check_reply(epsilon, delta, max_rounds=self.round_cap(),
+                                            state=state)
+            if off is not None:
+                return off
         accountant = self.dp.get("accountant")
         if state is not None and accountant and state.mechanism != accountant:
             return (f"accountant record uses {state.mechanism!r}, the run dp.accountant="
@@ -336,7 +372,7 @@ class PrivacyLedger:
         )
         if entry.delta is None and state is not None:
             entry.delta = state.delta
-        entry.refused = self.vet(entry.client, entry.epsilon, state)
+        entry.refused = self.vet(entry.client, entry.epsilon, state, delta=entry.delta)
         self._replace_entry(entry)
         if entry.refused is not None:
             self._warn_refused(entry)
@@ -395,6 +431,12 @@ class PrivacyLedger:
             return client_label(metrics[CLIENT_KEY])
         return self._node_clients.get(int(node_id), client_label(node_id))
 
+    def round_cap(self) -> int:
+        """Most rounds a client can have trained so far (resumed runs re-run a round)."""
+        assert self.schedule is not None
+        done = max(self.rounds_closed, default=0) + 1
+        return ROUNDS_SLACK * max(self.schedule.planned_rounds, done)
+
     def _unattributed(self) -> bool:
         """Whether some recorded client has no node known in this process."""
         return bool(set(self.accounts) - set(self._node_clients.values()))
@@ -419,8 +461,8 @@ class PrivacyLedger:
 
     # -- queries --------------------------------------------------------------------------
     def run_budget(self) -> float | None:
-        """The run's per-client ε budget: dp.max_epsilon, else dp.target_epsilon (local DP)."""
-        if self.dp_name != "local":
+        """The run's per-client ε budget: dp.max_epsilon, else dp.target_epsilon."""
+        if self.dp_name not in DP_GUARANTEES:
             return None
         for key in ("max_epsilon", "target_epsilon"):
             value = _finite_or_none(self.dp.get(key))
@@ -464,6 +506,10 @@ class PrivacyLedger:
         """
         latest = self.latest_epsilon(server_round)
         this_round = [e for e in self.entries if e.server_round == server_round]
+        client_level = self.client_level_epsilon(server_round)
+        if client_level is not None:
+            return {"epsilon_max": client_level, "epsilon_client_level": client_level,
+                    "epsilon_per_client": latest, "dp_exhausted": [], "dp_refused": {}}
         return {
             "epsilon_max": max(latest.values()) if latest else None,
             "epsilon_per_client": latest,
@@ -472,7 +518,24 @@ class PrivacyLedger:
             "dp_refused": {e.client: e.refused for e in this_round if e.refused is not None},
         }
 
+    def client_level_epsilon(self, up_to_round: int | None = None) -> float | None:
+        """Client-level ε after the last recorded round (up to a round); None without one."""
+        record = self.client_level
+        if record is None:
+            return None
+        spent = [e for r, e in zip(record["rounds"], record["epsilons"], strict=True)
+                 if up_to_round is None or r <= up_to_round]
+        return spent[-1] if spent else 0.0
+
     def summary(self) -> dict[str, Any]:
+        client_level = self.client_level_epsilon()
+        if client_level is not None:
+            record = self.client_level or {}
+            return {"epsilon_max": client_level, "epsilon_client_level": client_level,
+                    "epsilon_per_client": {}, "delta_max": record.get("delta"),
+                    "epsilon_budget": self.run_budget(), "clients_exhausted": [],
+                    "client_node_ids": {}, "dp_unit": DP_GUARANTEES.get(
+                        self.dp_name, {}).get("unit")}
         latest = self.latest_epsilon()
         valid = [e for e in self.entries if e.valid]
         deltas = sorted({e.delta for e in valid if e.delta is not None})
@@ -500,12 +563,16 @@ class PrivacyLedger:
             "dp": self.dp_name,
             "dp_settings": self.dp,
             "epsilon_budget": self.run_budget(),
+            "public_schedule": None if self.schedule is None else self.schedule.to_json(),
+            "in_the_clear": self.in_the_clear,
             "layers": self.layers,
+            "guarantee": DP_GUARANTEES.get(self.dp_name),
             "visibility": self.visibility,
             "num_clients": self.num_clients,
             "rounds_closed": self.rounds_closed,
             "stopped": self.stopped,
             "clients": {c: a.to_json(accountant) for c, a in self.sorted_accounts()},
+            CLIENT_LEVEL_KEY: self.client_level,
             "entries": [asdict(e) for e in self.entries],
             "summary": self.summary(),
         }
@@ -527,9 +594,15 @@ class PrivacyLedger:
         data = json.loads((self.run_dir / LEDGER_FILE).read_text())
         if data.get("format") != LEDGER_FORMAT:
             raise ValueError(f"{self.run_dir / LEDGER_FILE}: unknown format {data.get('format')!r}")
+        if data.get("public_schedule") is not None:
+            # The run's original schedule: its clients fixed σ and δ at their first round.
+            self.schedule = PublicSchedule.from_json(data["public_schedule"])
+        if data.get("in_the_clear"):
+            self.in_the_clear = list(data["in_the_clear"])
         self.entries = [ClientEntry(**e) for e in data.get("entries", [])]
         self.rounds_closed = [int(r) for r in data.get("rounds_closed", [])]
         self.stopped = data.get("stopped")
+        self.client_level = data.get(CLIENT_LEVEL_KEY)
         # Rounds that were in flight when the server stopped are re-run: drop their entries.
         last = max(self.rounds_closed, default=0)
         self.entries = [e for e in self.entries if e.server_round <= last]
@@ -569,14 +642,37 @@ def _layers_of(cfg: Any) -> list[str]:
         layers.insert(0, AGGREGATION_LAYERS["fedavg"])
     if str(cfg.dp.name) == "local":
         dp = cfg.dp
+        public = public_schedule(cfg) is not None
         noise = (f"noise multiplier {dp.noise_multiplier}" if dp.noise_multiplier is not None
-                 else f"noise derived per client for target ε={dp.target_epsilon} over "
-                      f"{cfg.num_rounds} rounds")
+                 else f"noise derived {'once' if public else 'per client'} for target "
+                      f"ε={dp.target_epsilon} over {cfg.num_rounds} rounds")
+        if public:
+            noise += (f", one public schedule for every client (sample rate "
+                      f"{dp.sample_rate}, δ and σ from the config, none from n_k)")
         layers.append(
             f"DP-SGD on every client (example-level): clipping C={dp.max_grad_norm}, {noise}, "
             f"Poisson sampling, {dp.accountant.upper()} accountant accumulated over all "
             f"rounds, per-sample clipping mode '{dp.grad_sample_mode}'"
         )
+    elif str(cfg.dp.name) == "central":
+        dp = cfg.dp
+        noise = (f"noise multiplier {dp.noise_multiplier}" if dp.noise_multiplier is not None
+                 else f"noise derived for target ε={dp.target_epsilon} over {cfg.num_rounds} "
+                      "rounds")
+        clipping = (f"adaptive clipping from C={dp.clip_norm} towards the "
+                    f"{dp.target_quantile} quantile of update norms" if dp.adaptive_clipping
+                    else f"clipping C={dp.clip_norm}")
+        sampling = ("every client every round (no amplification by sampling)"
+                    if float(cfg.fraction_train) >= 1.0 else
+                    f"Poisson client sampling q={cfg.fraction_train}")
+        layers.append(
+            f"Central DP-FedAvg (client-level, by the trusted server): each update clipped "
+            f"by the server ({clipping}), Gaussian noise on the sum ({noise}), divided by the "
+            f"expected cohort; {sampling}; {dp.accountant.upper()} accountant over all rounds")
+    elif str(cfg.dp.name) == "distributed":
+        from fedstack.privacy.distributed.report import layer_line
+
+        layers.append(layer_line(cfg))
     else:
         layers.append("No differential privacy: the model and the updates carry no formal "
                       "per-record guarantee (ε is unbounded)")

@@ -16,6 +16,12 @@ STRATEGY_CLASSES: dict[str, str] = {
     "secagg": "fedstack.strategies.secagg.strategy:SecAggFedAvg",
     "he": "fedstack.strategies.he.strategy:HEFedAvg",
 }
+#: A DP layer that is itself a strategy over an aggregation's, by (aggregation, dp).
+#: dp=central: the server clips each update and noises the sum.
+DP_STRATEGY_CLASSES: dict[tuple[str, str], str] = {
+    ("fedavg", "central"): "fedstack.privacy.central_strategy:CentralDPFedAvg",
+    ("secagg", "distributed"): "fedstack.privacy.distributed.strategy:DistributedDPSecAgg",
+}
 
 
 def load_object(path: str) -> Any:
@@ -25,7 +31,9 @@ def load_object(path: str) -> Any:
 
 def build_strategy(cfg: Any, run_dir: Path) -> Any:
     """The configured strategy. Subclasses with options implement `from_config`."""
-    cls = load_object(STRATEGY_CLASSES[cfg.aggregation.name])
+    aggregation = str(cfg.aggregation.name)
+    cls = load_object(DP_STRATEGY_CLASSES.get((aggregation, str(cfg.dp.name)),
+                                              STRATEGY_CLASSES[aggregation]))
     common = {
         "fraction_train": float(cfg.fraction_train),
         "fraction_evaluate": float(cfg.fraction_evaluate),
