@@ -8,6 +8,8 @@
     fedstack certs --out DIR --host NAME_OR_IP ... CA + SuperLink TLS certificate
     fedstack supernode-keys --out DIR NAME ...    SuperNode auth keys (P-384, OpenSSH)
     fedstack outcome RUN_DIR|DIR [--newer-than F] exit 0 iff the run(s) completed or stopped
+    fedstack audit RUN_DIR [--round N ...]        attacks on the recorded server view and the
+                                                  final model -> audit.json (docs/audit.md)
     fedstack identity new NAME --out DIR          a member's signing identity (Ed25519)
     fedstack roster build A.pub B.pub ... --out roster.txt   the roster every node pins
     fedstack roster show roster.txt               members and fingerprints of a roster
@@ -34,6 +36,7 @@ SUBCOMMANDS: dict[str, str] = {
     "certs": "fedstack.deploy.cli:certs_main",
     "supernode-keys": "fedstack.deploy.cli:supernode_keys_main",
     "outcome": "fedstack.outputs.outcome:outcome_main",
+    "audit": "fedstack.audit.runner:audit_main",
     "identity": "fedstack.consortium_cli:identity_main",
     "roster": "fedstack.consortium_cli:roster_main",
 }
@@ -173,16 +176,21 @@ def _key_comments(yaml_text: str) -> dict[str, str]:
 
     comments: dict[str, str] = {}
     block: list[str] = []
+    parent = ""
     for line in yaml_text.splitlines():
-        if line.startswith("#"):
-            block.append(line.lstrip("#").strip())
+        if line.lstrip().startswith("#"):
+            block.append(line.lstrip().lstrip("#").strip())
             continue
-        key = re.match(r"([A-Za-z_][\w-]*)\s*:(.*)$", line)
+        key = re.match(r"( *)([A-Za-z_][\w-]*)\s*:(.*)$", line)
         if key:
-            inline = key.group(2).partition(" #")[2].strip()
+            # A key of a nested section (e.g. `audit:`) is named `section.key`.
+            name = f"{parent}.{key.group(2)}" if key.group(1) and parent else key.group(2)
+            if not key.group(1):
+                parent = key.group(2)
+            inline = key.group(3).partition(" #")[2].strip()
             text = inline or " ".join(block)
             sentence = re.match(r"(.+?[.;])(\s+[A-Z(]|$)", text)
-            comments[key.group(1)] = sentence.group(1) if sentence else text
+            comments[name] = sentence.group(1) if sentence else text
         block = []
     return comments
 
@@ -206,8 +214,16 @@ def _key_lines(path: Any, prefix: str, skip: tuple[str, ...], indent: str) -> li
     text = path.read_text()
     values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
     comments = _key_comments(text)
+    flat: list[tuple[str, Any]] = []
+    for key, value in values.items():
+        if key in skip:
+            continue
+        if isinstance(value, dict) and value:  # a nested section: one row per key
+            flat += [(f"{key}.{sub}", v) for sub, v in value.items()]
+        else:
+            flat.append((key, value))
     rows = [(f"{prefix}{key}={_default_text(value)}", comments.get(key, ""))
-            for key, value in values.items() if key not in skip]
+            for key, value in flat]
     width = max((len(setting) for setting, _ in rows), default=0)
     return [_help_line(f"{indent}{setting.ljust(width)}   ", comment) for setting, comment in rows]
 

@@ -29,6 +29,10 @@ PARTITION_ID_KEY = "partition-id"
 NUM_PARTITIONS_KEY = "num-partitions"
 #: Builder of the DP-SGD trainer (imported only when `dp=local`).
 DP_TRAINER_BUILDER = "fedstack.privacy.local_trainer:build_dp_trainer"
+#: Builder of the plain trainer that first checks the node's policy against `dp=central`.
+CENTRAL_TRAINER_BUILDER = "fedstack.privacy.central_client:build_central_trainer"
+#: Builder of the plain trainer of `dp=distributed` (the secagg codec adds the noise).
+DISTRIBUTED_TRAINER_BUILDER = "fedstack.privacy.distributed.client:build_distributed_trainer"
 
 app = ClientApp()
 
@@ -69,6 +73,10 @@ def _client_setup(msg: Message, context: Context) -> tuple[Any, int, Partition, 
     task = load_task(cfg.task)
     ctx = task_context(cfg, context.node_config, num_partitions)
     data = task.load_partition(ctx, partition_id)
+    if int(cfg.audit.canaries or 0) > 0:  # audit mode only (docs/audit.md)
+        from fedstack.audit.canaries import with_canaries
+
+        data = with_canaries(cfg, partition_id, data)
     model = task.build_model(ctx)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     return cfg, partition_id, data, model, task
@@ -96,6 +104,10 @@ def local_trainer(
         )
     from fedstack.strategies import load_object
 
+    if cfg.dp.name == "central":
+        return load_object(CENTRAL_TRAINER_BUILDER)(cfg, context, partition_id, task)
+    if cfg.dp.name == "distributed":
+        return load_object(DISTRIBUTED_TRAINER_BUILDER)(cfg, context, partition_id, task)
     loss = task.per_example_loss() if task is not None and task.has_custom_loss else None
     return load_object(DP_TRAINER_BUILDER)(cfg, context, partition_id, data, content, loss)
 

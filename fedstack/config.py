@@ -24,6 +24,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from fedstack.audit.settings import AuditSettings
 from fedstack.log import LOG_LEVELS
 
 #: Key of the resolved configuration (YAML) in a message's ConfigRecord.
@@ -78,6 +79,8 @@ class RootSettings:
     log_table: bool = True
     log_level: str = "info"
     max_failed_rounds: int = 0
+    #: Audit mode (off by default): `audit.record_round` (fedstack.audit.settings).
+    audit: AuditSettings = dataclasses.field(default_factory=AuditSettings)
     task: Any = None
     aggregation: Any = None
     dp: Any = None
@@ -308,6 +311,8 @@ GROUP_SCHEMAS: dict[str, dict[str, str]] = {
     "dp": {
         "none": "fedstack.config:NoDPSettings",
         "local": "fedstack.privacy.settings:LocalDPSettings",
+        "central": "fedstack.privacy.settings:CentralDPSettings",
+        "distributed": "fedstack.privacy.settings:DistributedDPSettings",
     },
     "partition": {
         "iid": "fedstack.config:IIDPartitionSettings",
@@ -407,6 +412,7 @@ def _cross_checks(cfg: DictConfig) -> None:
     if cfg.run_id is not None:
         _check(re.fullmatch(r"[0-9a-f]{32}", str(cfg.run_id)) is not None, "run_id", cfg.run_id,
                "is assigned by the server (32 hex digits); leave it null")
+    OmegaConf.to_object(cfg.audit).validate(cfg)  # type: ignore[union-attr]
     if cfg.partition.name == "shards":
         _check(cfg.task.name != "hf" or cfg.task.label_column is not None,
                "partition", "shards", "needs task.label_column")

@@ -7,6 +7,7 @@ in-process, where Flower gives the ServerApp no run config).
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import time
 import uuid
@@ -15,7 +16,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from fedstack.config import (
     CONFIG_MESSAGE_KEY,
@@ -33,6 +34,7 @@ from fedstack.outputs.run_directory import (
     load_checkpoint,
     new_run_dir,
 )
+from fedstack.outputs.server_view import ServerViewRecorder
 from fedstack.preflight import PreflightReport, check_run
 from fedstack.strategies import build_strategy, load_object
 from fedstack.strategies.runtime import is_deployment
@@ -88,6 +90,10 @@ def wait_for_clients(grid: Grid, cfg: DictConfig) -> int:
     return count
 
 
+#: Bytes of the audit canaries' key (256 bits, hex in the run config).
+CANARY_KEY_BYTES = 32
+
+
 def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path, int, ArrayRecord | None]:
     """(config, run dir, first round, initial arrays or None) for a new or resumed run.
 
@@ -111,8 +117,20 @@ def prepare_run(cfg: DictConfig) -> tuple[DictConfig, Path, int, ArrayRecord | N
         return cfg, run_dir, last_round + 1, load_checkpoint(path)
     if cfg.run_id is None:
         cfg = with_values(cfg, run_id=uuid.uuid4().hex)
+    if int(cfg.audit.canaries or 0) > 0 and not cfg.audit.canary_key:
+        # Audit mode: the key of the canaries' inclusion bits, drawn when the run is made; the
+        # config carries it to the holders, audit_canaries.json keeps the plan for the audit.
+        audit = OmegaConf.to_container(cfg.audit)
+        audit["canary_key"] = secrets.token_hex(CANARY_KEY_BYTES)  # type: ignore[index]
+        cfg = with_values(cfg, audit=audit)
     run_dir = new_run_dir(cfg)
     (run_dir / CONFIG_FILE).write_text(config_to_yaml(cfg))
+    if int(cfg.audit.canaries or 0) > 0:
+        from fedstack.audit.canaries import plan_from_config, save_plan
+
+        plan = plan_from_config(cfg)
+        if plan is not None:
+            save_plan(run_dir, plan)
     return cfg, run_dir, 1, None
 
 
@@ -149,7 +167,13 @@ def build_listeners(
     cfg: DictConfig, run_dir: Path, strategy: Any, resuming: bool
 ) -> list[RoundListener]:
     ledger_cls = load_object(PRIVACY_LEDGER)
-    return [ledger_cls(run_dir=run_dir, cfg=cfg, strategy=strategy, resume=resuming)]
+    listeners: list[RoundListener] = [
+        ledger_cls(run_dir=run_dir, cfg=cfg, strategy=strategy, resume=resuming)]
+    # Audit mode (audit.record_round): the server's view of one round, for `fedstack audit`.
+    view = ServerViewRecorder.attach(strategy, run_dir, cfg)
+    if view is not None:
+        listeners.append(view)
+    return listeners
 
 
 def run_server(grid: Grid, cfg: DictConfig,

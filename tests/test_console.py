@@ -208,8 +208,13 @@ def _expected_settings() -> tuple[dict[str, list[str]], list[str]]:
             values = OmegaConf.to_container(OmegaConf.load(option), resolve=False)
             settings += [f"{group.name}.{k}=" for k in values if k != "name"]
     top = OmegaConf.to_container(OmegaConf.load(root / "config.yaml"), resolve=False)
-    settings += [f"{k}={_yaml_scalar(v)}" for k, v in top.items()
-                 if k not in ("defaults", "hydra")]
+    for k, v in top.items():
+        if k in ("defaults", "hydra"):
+            continue
+        if isinstance(v, dict):  # a nested section (audit:): one line per key
+            settings += [f"{k}.{sub}={_yaml_scalar(x)}" for sub, x in v.items()]
+        else:
+            settings.append(f"{k}={_yaml_scalar(v)}")
     return groups, settings
 
 

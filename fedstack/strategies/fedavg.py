@@ -74,6 +74,20 @@ class TrainHook(Protocol):
                           content: RecordDict) -> str | None: ...
 
 
+class ViewRecorder(Protocol):
+    """Sees every message exchange and each round's aggregate (audit mode only:
+    `fedstack.outputs.server_view` keeps the server's view of one round for the attacks)."""
+
+    def on_send(self, server_round: int, phase: str, sent: list[Message]) -> None: ...
+
+    def on_receive(self, server_round: int, phase: str, sent: list[Message],
+                   replies: list[Message]) -> None: ...
+
+    def on_aggregate(self, server_round: int, arrays: ArrayRecord | None,
+                     metrics: MetricRecord | None,
+                     computed: dict[str, np.ndarray] | None) -> None: ...
+
+
 @dataclass
 class ValidReply:
     node_id: int
@@ -200,6 +214,11 @@ class WeightedFedAvg(Strategy):
         self.train_hooks: list[TrainHook] = []
         #: message id -> destination node of what we sent (to attribute error replies).
         self._reply_dst: dict[str, int] = {}
+        #: Audit mode: recorders of the server's view (empty unless `audit.record_round`).
+        self.view_recorders: list[ViewRecorder] = []
+        #: What aggregate_train computed beyond the new model, for the view recorders
+        #: (secagg: the unmasked sum); reset every round.
+        self.computed_view: dict[str, np.ndarray] | None = None
 
     # ------------------------------------------------------------------ plumbing
 
@@ -218,6 +237,8 @@ class WeightedFedAvg(Strategy):
             return []
         started = time.perf_counter()
         self.round_log.bytes_down += sum(payload_bytes(m.content) for m in messages)
+        for recorder in self.view_recorders:  # before sending: a runtime may consume them
+            recorder.on_send(self.round_log.server_round, phase, messages)
         replies = list(grid.send_and_receive(messages, timeout=timeout or self.timeout))
         self._reply_dst.update({m.metadata.message_id: m.metadata.dst_node_id for m in messages
                                 if m.metadata.message_id})
@@ -225,6 +246,8 @@ class WeightedFedAvg(Strategy):
         self.round_log.bytes_up += sum(payload_bytes(r.content) for r in replies
                                        if not r.has_error())
         self.round_log.add_seconds(phase, time.perf_counter() - started)
+        for recorder in self.view_recorders:
+            recorder.on_receive(self.round_log.server_round, phase, messages, replies)
         return replies
 
     def reply_node(self, msg: Message) -> int:
@@ -503,7 +526,11 @@ class WeightedFedAvg(Strategy):
             messages = self.with_hook_records(
                 grid, self.configure_train(server_round, arrays, train_config, grid))
             replies = self.exchange(grid, messages, "train")
+            self.computed_view = None
             new_arrays, train_metrics = self.aggregate_train(server_round, replies)
+            for view_recorder in self.view_recorders:
+                view_recorder.on_aggregate(server_round, new_arrays, train_metrics,
+                                           self.computed_view)
             if new_arrays is not None:
                 arrays = new_arrays
                 result.arrays = arrays
