@@ -280,3 +280,162 @@ def test_client_hook_follows_the_audit_config() -> None:
     added = with_canaries(cfg, 1, part).train[0][10:]
     assert np.array_equal(added, canaries.inputs[plan.included])
     assert with_canaries(cfg, 0, part).train[0] is x  # holds none
+
+
+# --------------------------------------------------------------------------- the claim per layer
+def _client_level_record(mechanism: str, rounds: int, delta: float) -> object:
+    """A client-level accountant's record as privacy.json holds it after `rounds` rounds."""
+    import fedstack.privacy.distributed.ledger_record  # noqa: F401  (registers "skellam")
+    from fedstack.privacy.client_accountant import ClientLevelRecord
+
+    if mechanism == "gaussian":  # dp=central, Poisson cohorts
+        empty = ClientLevelRecord("gaussian", "rdp", 1.2, 0.5, "poisson", delta)
+    else:  # dp=distributed: ring units, every client every round
+        empty = ClientLevelRecord("skellam", "rdp", 1.2, 1.0, "all", delta, details={
+            "variance": 4.0e6, "l2_sensitivity": 1500.0, "l1_sensitivity": 30000.0})
+    record = empty
+    for r in range(1, rounds + 1):
+        record = record.with_round(r)
+    return record
+
+
+@pytest.mark.parametrize("layer", ["none", "local", "central", "distributed"])
+def test_claim_follows_the_dp_layer(layer: str, tmp_path: Path) -> None:
+    """dp=local: the holders' record-level ε; dp=central/distributed: the client-level
+    record of privacy.json, whose bar for one canary (replacing its client's data: twice
+    the sensitivity, no amplification) is recomputed and never below it; no DP: nothing."""
+    import json
+
+    from fedstack.audit.one_run import claim_of_run
+    from fedstack.privacy.client_accountant import client_level_epsilon
+    from fedstack.privacy.distributed.accountant import SkellamRelease, epsilon
+
+    summary = {"epsilon_per_client": {"0": 1.5, "1": 2.5, "2": 9.0}, "epsilon_max": 9.0,
+               "delta_max": 1e-4}
+    if layer == "none":
+        summary = {"epsilon_max": None, "epsilon_per_client": {}, "delta_max": None}
+    if layer in ("central", "distributed"):
+        record = _client_level_record("gaussian" if layer == "central" else "skellam", 5, 1e-3)
+        (tmp_path / "privacy.json").write_text(json.dumps({"client_level": record.to_json()}))
+        summary = {"epsilon_max": record.epsilon, "epsilon_client_level": record.epsilon,
+                   "epsilon_per_client": {}, "delta_max": 1e-3, "dp_unit": "client"}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    claim = claim_of_run(tmp_path, layer, holders=[0, 1, 0])
+    if layer == "none":
+        assert (claim.unit, claim.epsilon, claim.canary_epsilon) == (None, None, None)
+        return
+    if layer == "local":
+        assert (claim.unit, claim.epsilon, claim.canary_epsilon, claim.delta) == (
+            "record", 2.5, 2.5, 1e-4)  # holder 2's 9.0 is not a canary holder's
+        assert claim.covers_server_view
+        return
+    # The run's delta (1e-3: 2 m delta ~ 1 for m = 400) leaves the audit powerless; the
+    # record recomputes both epsilons at the audit's delta.
+    assert claim.unit == "client" and claim.delta == 1e-5
+    assert (claim.run_epsilon, claim.run_delta) == (pytest.approx(record.epsilon), 1e-3)
+    if layer == "central":
+        at_audit = client_level_epsilon(1.2, 0.5, 5, 1e-5)
+        want = client_level_epsilon(0.6, 1.0, 5, 1e-5)  # sigma/2, q = 1
+        assert not claim.covers_server_view  # the trusted server sees updates in the clear
+    else:
+        at_audit = epsilon([SkellamRelease(4.0e6, 1500.0, 30000.0, 5)], 1e-5)
+        want = epsilon([SkellamRelease(4.0e6, 3000.0, 60000.0, 5)], 1e-5)
+        assert claim.covers_server_view  # it sees only the noisy sum
+    assert claim.epsilon == pytest.approx(at_audit, rel=1e-9) and claim.epsilon > record.epsilon
+    assert claim.canary_epsilon == pytest.approx(want, rel=1e-9)
+    assert claim.canary_epsilon > claim.epsilon
+
+
+def test_ceiling_is_what_a_perfect_attack_reaches() -> None:
+    """At delta = 0.02 (the client-level default for 5 clients) 400 canaries can show
+    nothing; at 1e-5 a perfect attack reaches the ceiling."""
+    from fedstack.audit.one_run import epsilon_ceiling
+
+    assert epsilon_ceiling(400, 0.02) == 0.0
+    included = inclusion_bits(bytes(range(32)), 400)
+    perfect = audit_scores(np.where(included, 1.0, -1.0), included, delta=1e-5)
+    assert epsilon_ceiling(400, 1e-5) == pytest.approx(perfect.epsilon_lower_bound)
+    assert 3 < perfect.epsilon_lower_bound < 4
+
+
+@pytest.mark.parametrize("layer", ["local", "central", "distributed"])
+def test_a_dp_run_without_its_accounting_is_not_audited_as_no_dp(layer: str,
+                                                                  tmp_path: Path) -> None:
+    from fedstack.audit.one_run import claim_of_run
+
+    (tmp_path / "summary.json").write_text("{}")
+    with pytest.raises(ValueError, match="summary.json" if layer == "local" else "privacy.json"):
+        claim_of_run(tmp_path, layer, holders=[0])
+
+
+def test_trusted_server_view_is_measured_not_compared() -> None:
+    """Under dp=central the server's view is outside the guarantee: a bound above the claim
+    from it is a measurement; the same bound from the model fails the audit."""
+    from fedstack.audit.one_run import PrivacyClaim, _scored
+
+    claim = PrivacyClaim("central", "client", 0.3, 1e-5, "test", 0.6, "test", False)
+    included = inclusion_bits(bytes(range(32)), 400)
+    scores = np.where(included, 1.0, -1.0)  # a perfect attack: bound ~3 at 240 of 240
+    view = _scored(scores, included, claim, "server view", server_view=True)
+    assert view["passed"] and not view["covered_by_claim"]
+    assert view["epsilon_lower_bound"] > 2 and "not covered" in view["message"]
+    model = _scored(scores, included, claim, "final-model loss")
+    assert not model["passed"] and model["covered_by_claim"]
+    assert "AUDIT FAILED" in model["message"] and "record-level bar" in model["message"]
+    covered = PrivacyClaim("distributed", "client", 0.3, 1e-5, "test", 0.6, "test", True)
+    assert not _scored(scores, included, covered, "server view", server_view=True)["passed"]
+
+
+@pytest.mark.parametrize("noise_scale", [1.0, 1e-6])
+def test_audit_of_a_central_dp_run_uses_the_client_level_claim(
+        noise_scale: float, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A real dp=central run (in-process grid) with canaries: the claim is the client-level
+    ε of privacy.json at its δ. Honest, the model's bound stays below it and the audit
+    passes, while the server's view (plain updates a trusted server receives) reveals the
+    canaries far beyond that ε and is reported as outside the guarantee. With the server's
+    noise switched off (the accountant still counts σ = 20) the model's bound exceeds even
+    the record-level bar (twice the sensitivity) and the audit fails."""
+    import json
+
+    import fedstack.client_app as client_module
+    import fedstack.privacy.central as central
+    from fedstack.audit.one_run import audit_one_run
+    from fedstack.config import compose_config
+    from fedstack.server_app import run_server
+    from tests.inprocess_grid import InProcessGrid
+
+    monkeypatch.setenv("FEDSTACK_DP_STATE_DIR", str(tmp_path / "node-disk"))
+    if noise_scale != 1.0:  # the lie, test-only: no config reaches it
+        honest = central.NoisyClippedSum._gaussian
+        monkeypatch.setattr(central.NoisyClippedSum, "_gaussian",
+                            lambda self, size, std: honest(self, size, std * noise_scale))
+    cfg = compose_config([
+        "task=synthetic_cifar", "task.image_size=16", "task.num_samples=300",
+        "task.model=digits_linear", "task.batch_size=4", "task.local_epochs=3",
+        "task.learning_rate=1.0", "task.momentum=0", "partition=iid", "num_clients=2",
+        "min_train_nodes=2", "num_rounds=1", "central_evaluation=false",
+        "fraction_evaluate=0", "min_evaluate_nodes=0", "log_table=false",
+        "dp=central", "dp.noise_multiplier=20", "dp.target_epsilon=null", "dp.delta=1e-5",
+        "audit.record_round=1", "audit.canaries=400", "audit.canary_kind=ood",
+        "audit.canary_holders=[0,1]", f"output_dir={tmp_path}", "run_name=c"])
+    summary = run_server(InProcessGrid(client_module.app, 2), cfg)
+    assert summary["status"] == "completed"
+    run_dir = Path(summary["run_dir"])
+    record = json.loads((run_dir / "privacy.json").read_text())["client_level"]
+    audit = audit_one_run(run_dir, cfg)
+    assert audit["claim_unit"] == "client" and audit["canary_unit"] == "record"
+    assert audit["claimed_epsilon"] == pytest.approx(record["epsilon"])
+    assert audit["claimed_epsilon"] == pytest.approx(summary["epsilon_client_level"])
+    assert audit["delta"] == record["delta"] == 1e-5
+    assert 0 < audit["claimed_epsilon"] < audit["canary_epsilon"] < 1.0
+    model, view = audit["final_model"], audit["server_view"]
+    assert view["epsilon_lower_bound"] > audit["canary_epsilon"] + 1.0
+    assert not view["covered_by_claim"] and view["passed"]
+    assert any("unit: client" in line for line in audit["summary_lines"])
+    if noise_scale == 1.0:
+        assert model["epsilon_lower_bound"] <= audit["claimed_epsilon"] and model["passed"]
+        assert audit["passed"]
+    else:
+        assert model["epsilon_lower_bound"] > audit["canary_epsilon"] + 0.5
+        assert not model["passed"] and audit["passed"] is False
+        assert any("AUDIT FAILED" in line for line in audit["summary_lines"])

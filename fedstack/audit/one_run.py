@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -198,6 +198,17 @@ def audit_scores(
     )
 
 
+def epsilon_ceiling(m: int, delta: float, beta: float = DEFAULT_BETA,
+                    guess_fractions: Sequence[tuple[float, float]] = DEFAULT_GUESS_FRACTIONS
+                    ) -> float:
+    """The largest bound `audit_scores` can report for m canaries at δ: every guess of the
+    largest candidate right. Why: with 2mδ near β the δ term swamps the test (m = 400 at
+    δ = 0.02 can show nothing at all); a claim above the ceiling cannot fail the audit."""
+    level = beta / len(guess_fractions)
+    sizes = {int(round(fi * m)) + int(round(fo * m)) for fi, fo in guess_fractions}
+    return max(epsilon_lower_bound(m, r, r, delta, level) for r in sizes if 0 < r <= m)
+
+
 @dataclass(frozen=True)
 class AuditVerdict:
     """Whether the run's claimed ε survives the audit; `passed=False` must fail loudly."""
@@ -211,12 +222,14 @@ class AuditVerdict:
         return asdict(self)
 
 
-def verdict(audit: OneRunAudit, claimed_epsilon: float | None) -> AuditVerdict:
+def verdict(audit: OneRunAudit, claimed_epsilon: float | None,
+            claim_label: str = "the accountant's epsilon") -> AuditVerdict:
     """Compare the empirical bound with the accountant's ε (None: no DP claimed).
 
     A bound above the claim is a contradiction with confidence 1 - β: the run is not
     (claimed ε, δ)-DP, so the accounting or the mechanism is broken. Without a claim there
-    is nothing to contradict; the bound is reported as a measurement.
+    is nothing to contradict; the bound is reported as a measurement. `claim_label` names
+    the claim in the message (e.g. the record-level ε a client-level accountant implies).
     """
     bound = audit.epsilon_lower_bound
     where = (f"{audit.v} of {audit.r} guesses correct on m={audit.m} canaries, "
@@ -227,13 +240,13 @@ def verdict(audit: OneRunAudit, claimed_epsilon: float | None) -> AuditVerdict:
     if bound > claimed_epsilon:
         return AuditVerdict(
             False, bound, float(claimed_epsilon),
-            f"AUDIT FAILED: empirical epsilon lower bound {bound:.3f} exceeds the accountant's "
-            f"epsilon {claimed_epsilon:.3f} ({where}): the run is not as private as reported",
+            f"AUDIT FAILED: empirical epsilon lower bound {bound:.3f} exceeds {claim_label} "
+            f"{claimed_epsilon:.3f} ({where}): the run is not as private as reported",
         )
     return AuditVerdict(
         True, bound, float(claimed_epsilon),
-        f"audit passed: empirical epsilon lower bound {bound:.3f} <= the accountant's "
-        f"epsilon {claimed_epsilon:.3f} ({where})",
+        f"audit passed: empirical epsilon lower bound {bound:.3f} <= {claim_label} "
+        f"{claimed_epsilon:.3f} ({where})",
     )
 
 
@@ -242,40 +255,177 @@ def _check_counts(m: int, r: int, v: int) -> None:
         raise ValueError(f"need 0 <= v <= r <= m, got m={m}, r={r}, v={v}")
 
 
-# --------------------------------------------------------------------------- a run's audit
+# --------------------------------------------------------------------------- a run's claim
 #: δ at which a run without DP is audited (it claims nothing; the bound is a measurement).
 NO_DP_DELTA = 1e-5
+#: δ at most at which a client-level claim is audited. The client-level accountant's δ is
+#: 1/(10·num_clients) by default (0.02 for 5 clients), where 2mδ > 1 for any useful m and the
+#: bound is 0 by construction; its record recomputes ε at any δ, so the audit uses this one.
+CLIENT_LEVEL_AUDIT_DELTA = NO_DP_DELTA
+#: Units a DP guarantee protects (as privacy.json's `guarantee.unit` states them).
+UNIT_RECORD, UNIT_CLIENT = "record", "client"
+#: DP layers whose accountant is client-level (privacy.json `client_level`).
+CLIENT_LEVEL_LAYERS = ("central", "distributed")
+#: DP layers whose guarantee does not cover what the server receives: under dp=central the
+#: server is trusted and sees every client's update in the clear, before clipping and noise.
+SERVER_TRUSTED_LAYERS = ("central",)
+#: What a canary is, whatever the layer: the bound is about one record's inclusion.
+CANARY_UNIT_NOTE = ("canaries are records inside clients' data: the bound is a record-level "
+                    "lower bound, valid against a record-level claim and against a "
+                    "client-level one converted to one record (replacing that client's "
+                    "data: twice the sensitivity)")
 
 
-def claimed_privacy(run_dir: Any, holders: Sequence[int]) -> tuple[float | None, float, str]:
-    """(ε the accountant reports for the canary holders, its δ, where they come from).
+@dataclass(frozen=True)
+class PrivacyClaim:
+    """What the run's accountant claims, and the ε that claim implies for one canary.
 
-    Every canary is one record of one holder, and the released model is a post-processing
-    of every client's DP-SGD, so the run is (max_k ε_k, max_k δ_k)-DP for each canary,
-    k over the holders. Client-level DP (dp=distributed/central) implies the same record-
-    level guarantee, so its ε is the claim there. No DP: (None, NO_DP_DELTA).
+    A canary is one record of one client, and its inclusion is what the audit tests. Under
+    dp=local the accountant's per-record ε is exactly that. Under dp=central/distributed the
+    accountant's ε is about adding or removing a whole client; including a record in a
+    client that takes part either way *replaces* that client's data, which the add/remove
+    guarantee covers only via the same mechanism at twice the sensitivity (two clipped
+    updates differ by up to 2C; group privacy would make δ vacuous at ε = 8). So the canary
+    ε is recomputed from the record in privacy.json with doubled sensitivity and without
+    amplification by client sampling (conditioned on the data-independent cohorts): a claim
+    never below the client-level ε, so a bound above it is still a contradiction. Both are
+    recomputed from the record at δ ≤ CLIENT_LEVEL_AUDIT_DELTA (the run is (ε(δ), δ)-DP for
+    every δ its accountant evaluates), where the audit has power.
+    """
+
+    #: The run's DP layer (dp.name).
+    layer: str
+    #: Unit of the accountant's ε: "record", "client", or None (no DP).
+    unit: str | None
+    #: The accountant's ε in its own unit (None: no DP claimed), and its δ.
+    epsilon: float | None
+    delta: float
+    #: Where `epsilon` was read.
+    source: str
+    #: ε the run satisfies for the inclusion of one canary at `delta` (the verdict's bar).
+    canary_epsilon: float | None
+    #: How `canary_epsilon` follows from `epsilon`.
+    canary_basis: str
+    #: Whether the guarantee covers what the server received (False: trusted server).
+    covers_server_view: bool
+    #: The accountant's ε and δ as the run reported them, where the audit recomputed the
+    #: claim at a smaller δ (client level: `CLIENT_LEVEL_AUDIT_DELTA`); else None.
+    run_epsilon: float | None = None
+    run_delta: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def claim_of_run(run_dir: Any, layer: str, holders: Sequence[int]) -> PrivacyClaim:
+    """The run's DP claim for the canaries held by `holders` (ValueError: a DP layer whose
+    accounting is missing from the run directory, which an audit must not read as "no DP").
+
+    dp=local: the accountant's ε for the holders (max over them, `summary.json`
+    `epsilon_per_client`, else `epsilon_max`) at `delta_max`: each canary is one record of
+    one holder and everything released is post-processing of every client's DP-SGD.
+    dp=central/distributed: the client-level record (privacy.json `client_level`), see
+    `PrivacyClaim`. No DP: nothing claimed, audited at NO_DP_DELTA.
     """
     import json
     from pathlib import Path
 
-    path = Path(run_dir) / "summary.json"
+    run_dir = Path(run_dir)
+    if layer in CLIENT_LEVEL_LAYERS:
+        return _client_level_claim(run_dir, layer)
+    path = run_dir / "summary.json"
     summary = json.loads(path.read_text()) if path.is_file() else {}
     per_client = summary.get("epsilon_per_client") or {}
     mine = [per_client[str(h)] for h in set(holders) if per_client.get(str(h)) is not None]
-    delta = summary.get("delta_max")
+    delta = float(summary.get("delta_max") or NO_DP_DELTA)
     if mine:
-        return float(max(mine)), float(delta or NO_DP_DELTA), "epsilon_per_client of holders"
-    if summary.get("epsilon_max") is not None:
-        return float(summary["epsilon_max"]), float(delta or NO_DP_DELTA), "epsilon_max"
-    return None, NO_DP_DELTA, "no DP accounted"
+        epsilon, source = float(max(mine)), "summary.json epsilon_per_client of holders"
+    elif summary.get("epsilon_max") is not None:
+        epsilon, source = float(summary["epsilon_max"]), "summary.json epsilon_max"
+    elif layer == "local":
+        raise ValueError(f"dp=local run without accounting: {path} has no epsilon_per_client"
+                         " or epsilon_max")
+    else:
+        return PrivacyClaim(layer, None, None, NO_DP_DELTA, "no DP accounted", None,
+                            "no DP claimed: the bound is a measurement", True)
+    return PrivacyClaim(layer, UNIT_RECORD, epsilon, delta, source, epsilon,
+                        "record-level accountant: a canary is one record", True)
 
 
-def _scored(scores: np.ndarray, included: np.ndarray, delta: float, claimed: float | None,
-            source: str) -> dict[str, Any]:
-    audit = audit_scores(scores, included, delta=delta, score_source=source)
-    result = verdict(audit, claimed)
-    return {"applicable": True, **audit.to_json(), "passed": result.passed,
-            "message": result.message}
+def _client_level_claim(run_dir: Any, layer: str) -> PrivacyClaim:
+    import json
+
+    import fedstack.privacy.distributed.ledger_record  # noqa: F401  (registers "skellam")
+    from fedstack.privacy.client_accountant import ClientLevelRecord
+    from fedstack.privacy.ledger import CLIENT_LEVEL_KEY, LEDGER_FILE
+
+    path = run_dir / LEDGER_FILE
+    raw = json.loads(path.read_text()).get(CLIENT_LEVEL_KEY) if path.is_file() else None
+    if not raw:
+        raise ValueError(f"dp={layer} run without its client-level accounting: {path} has no "
+                         f"{CLIENT_LEVEL_KEY!r} record")
+    record = ClientLevelRecord.from_json(raw)
+    audited = replace(record, delta=min(record.delta, CLIENT_LEVEL_AUDIT_DELTA))
+    canary, basis = replacement_epsilon(audited)
+    rounds = len(record.rounds)
+    return PrivacyClaim(layer, UNIT_CLIENT, audited.compute_epsilon() if rounds else 0.0,
+                        audited.delta, f"{LEDGER_FILE} {CLIENT_LEVEL_KEY} ({record.mechanism}, "
+                        f"{rounds} rounds; reported epsilon={record.epsilon:.3f} at delta="
+                        f"{record.delta:.3g}, recomputed at delta={audited.delta:.3g})",
+                        canary, basis, layer not in SERVER_TRUSTED_LAYERS,
+                        run_epsilon=record.epsilon, run_delta=record.delta)
+
+
+def replacement_epsilon(record: Any) -> tuple[float, str]:
+    """(ε for replacing one client's data, how): the record's mechanism over its rounds at
+    twice the add/remove sensitivity, every round counted for every client (q = 1)."""
+    rounds = len(record.rounds)
+    if rounds == 0:
+        return 0.0, "no round released"
+    if record.mechanism == "gaussian":
+        from fedstack.privacy.client_accountant import client_level_epsilon
+
+        return (client_level_epsilon(record.noise_multiplier / 2.0, 1.0, rounds, record.delta,
+                                     record.accountant),
+                f"Gaussian, sensitivity 2C (sigma {record.noise_multiplier:.4g} -> "
+                f"{record.noise_multiplier / 2:.4g}), q=1, {rounds} rounds")
+    if record.mechanism == "skellam":
+        from fedstack.privacy.distributed.accountant import SkellamRelease, epsilon
+        from fedstack.privacy.distributed.ledger_record import release_of
+
+        one = release_of(record, rounds)
+        doubled = SkellamRelease(one.variance, 2.0 * one.l2_sensitivity,
+                                 2.0 * one.l1_sensitivity, rounds)
+        return (epsilon([doubled], record.delta),
+                f"Skellam, sensitivities 2x (L2 {2 * one.l2_sensitivity:.4g}, L1 "
+                f"{2 * one.l1_sensitivity:.4g}), {rounds} rounds")
+    raise ValueError(f"client-level mechanism {record.mechanism!r}: no record-level claim "
+                     "for the one-run audit (add it to replacement_epsilon)")
+
+
+def _scored(scores: np.ndarray, included: np.ndarray, claim: PrivacyClaim, source: str,
+            *, server_view: bool = False) -> dict[str, Any]:
+    """One section: the bound from `scores`, judged against the claim where it applies."""
+    audit = audit_scores(scores, included, delta=claim.delta, score_source=source)
+    covered = claim.canary_epsilon is not None and (claim.covers_server_view or not server_view)
+    if claim.canary_epsilon is not None and not covered:
+        result = AuditVerdict(
+            True, audit.epsilon_lower_bound, None,
+            f"not covered by the dp={claim.layer} guarantee (the server is trusted: it "
+            f"receives each update before clipping and noise), so measured, not compared: "
+            f"empirical epsilon >= {audit.epsilon_lower_bound:.3f} ({audit.v} of {audit.r} "
+            f"guesses correct on m={audit.m} canaries, {source}, delta={audit.delta:.3g})")
+    elif claim.unit == UNIT_CLIENT:
+        result = verdict(audit, claim.canary_epsilon,
+                         f"the record-level bar (client-level epsilon {claim.epsilon:.3f} at "
+                         "twice the sensitivity)")
+    else:
+        result = verdict(audit, claim.canary_epsilon)
+    ceiling = epsilon_ceiling(audit.m, audit.delta, audit.beta)
+    return {"applicable": True, **audit.to_json(), "epsilon_ceiling": ceiling,
+            "covered_by_claim": covered, "passed": result.passed,
+            "message": f"{result.message}; the most {audit.m} canaries can show at this "
+                       f"delta: {ceiling:.3f}"}
 
 
 def server_view_scores(run_dir: Any, cfg: Any, holders: np.ndarray, inputs: np.ndarray,
@@ -316,8 +466,14 @@ def server_view_scores(run_dir: Any, cfg: Any, holders: np.ndarray, inputs: np.n
 
 def audit_one_run(run_dir: Any, cfg: Any) -> dict[str, Any]:
     """`fedstack audit`'s one-run section: the bound from the final model and, when a round
-    was recorded, from the server's view; `passed` is False when any bound exceeds the
-    accountant's ε (the CLI then exits non-zero)."""
+    was recorded, from the server's view; `passed` is False when any bound exceeds the ε the
+    run claims for one canary (the CLI then exits non-zero).
+
+    The claim follows the run's DP layer (`claim_of_run`): record-level under dp=local,
+    client-level under dp=central/distributed (the result says which: `claim_unit`; the
+    canaries are records either way: `canary_unit`). Under dp=central the server's view is
+    not covered by the guarantee (trusted server): that bound is reported, not compared.
+    Under dp=distributed the server's view is the noisy sum, covered like the model."""
     from pathlib import Path
 
     from fedstack.audit.canaries import CANARY_FILE, canaries_of_run, load_plan
@@ -330,30 +486,43 @@ def audit_one_run(run_dir: Any, cfg: Any) -> dict[str, Any]:
     plan = load_plan(run_dir)
     canaries = canaries_of_run(cfg, plan)
     included = plan.included
-    claimed, delta, claim_source = claimed_privacy(run_dir, plan.holders)
+    layer = str(cfg.dp.name)
+    try:
+        claim = claim_of_run(run_dir, layer, plan.holders)
+    except ValueError as exc:
+        return {"applicable": False, "reason": str(exc)}
     sections: dict[str, Any] = {}
     model, why = final_model(run_dir, cfg)
     if model is None:
         sections["final_model"] = {"applicable": False, "reason": why}
     else:
         scores = -example_losses(model, canaries.inputs, canaries.labels)
-        sections["final_model"] = _scored(scores, included, delta, claimed, "final-model loss")
+        sections["final_model"] = _scored(scores, included, claim, "final-model loss")
     viewed = server_view_scores(run_dir, cfg, np.asarray(plan.holders), canaries.inputs,
                                 canaries.labels)
     if isinstance(viewed, str):
         sections["server_view"] = {"applicable": False, "reason": viewed}
     else:
         index, scores, source = viewed
-        sections["server_view"] = _scored(scores, included[index], delta, claimed, source)
+        sections["server_view"] = _scored(scores, included[index], claim, source,
+                                          server_view=True)
     ran = [s for s in sections.values() if s.get("applicable")]
+    claimed = claim.epsilon
     lines = [f"- {plan.m} {plan.kind} canaries held by clients {sorted(set(plan.holders))}, "
-             f"{int(included.sum())} included (the secret: {CANARY_FILE}); accountant: "
-             f"epsilon={claimed if claimed is None else round(claimed, 3)} at delta="
-             f"{delta:.3g} ({claim_source})"]
+             f"{int(included.sum())} included (the secret: {CANARY_FILE}); accountant "
+             f"(dp={layer}, unit: {claim.unit or 'none'}): epsilon="
+             f"{claimed if claimed is None else round(claimed, 3)} at delta={claim.delta:.3g} "
+             f"({claim.source})"]
+    if claim.unit == UNIT_CLIENT:
+        lines.append(f"- {CANARY_UNIT_NOTE}; the bar for one record is epsilon="
+                     f"{claim.canary_epsilon:.3f} ({claim.canary_basis})")
     for name, section in sections.items():
         lines.append(f"- {name}: " + (section["message"] if section.get("applicable")
                                       else f"not applicable: {section['reason']}"))
     return {"applicable": bool(ran), "passed": all(s["passed"] for s in ran),
-            "claimed_epsilon": claimed, "delta": delta, "claim_source": claim_source,
-            "m": plan.m, "num_included": int(included.sum()), "kind": plan.kind, **sections,
+            "claimed_epsilon": claimed, "delta": claim.delta, "claim_source": claim.source,
+            "claim_unit": claim.unit, "canary_unit": UNIT_RECORD,
+            "canary_epsilon": claim.canary_epsilon, "claim": claim.to_json(),
+            "canaries_test": CANARY_UNIT_NOTE, "m": plan.m,
+            "num_included": int(included.sum()), "kind": plan.kind, **sections,
             "summary_lines": lines}

@@ -140,6 +140,9 @@ def audit_main(argv: list[str]) -> int:
               f"{inv['match_share_ci95'][1]:.3f}); mean SSIM {inv.get('ssim_mean')}")
     else:
         print(f"inversion: not applicable: {inv.get('reason')}")
+    one_run = audit.get("one_run") or {}
+    for line in one_run.get("summary_lines", []) if one_run.get("applicable") else []:
+        print(f"one-run DP audit: {line.removeprefix('- ')}")
     print(f"wrote {args.run_dir / AUDIT_JSON}")
     if audit["failed"]:
         print(f"fedstack audit: FAILED: {', '.join(audit['failed'])} (see {AUDIT_JSON})",
