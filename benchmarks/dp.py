@@ -18,6 +18,8 @@ central test accuracy per (ε, partition), a table and a PNG plot.
 Part 3 (`--utility-levels`): client-level DP (`dp=central`, and each mechanism registered in
 `benchmarks/dp_levels.py`) against non-private FedAvg, digits over 100 and 10 clients,
 client-level ε ∈ {1, 2, 4, 8}; in-process (no Ray). Table dp_levels.md, plot dp_levels.png.
+`--seeds 42,43` repeats every cell (mean and min–max reported); `--levels-runs FILE` keeps
+each finished run (an interrupted grid resumes; with `--collect-only` it is only tabulated).
 
 Results: benchmarks/results/dp.json (each part updates its own key), dp_utility.png.
 """
@@ -329,11 +331,22 @@ def main() -> None:
                         help=f"rounds per run (default {SWEEP_ROUNDS}, "
                              f"--quick {SWEEP_ROUNDS_QUICK})")
     parser.add_argument("--collect-only", action="store_true",
-                        help="only tabulate the runs already in --sweep-dir")
+                        help="only tabulate the runs already in --sweep-dir (part 2) or "
+                             "--levels-runs (part 3)")
     parser.add_argument("--utility-levels", action="store_true",
                         help="part 3 only: client-level DP mechanisms vs non-private FedAvg")
     parser.add_argument("--mechanisms", default=None,
                         help="part 3: comma-separated mechanisms (default: all registered)")
+    parser.add_argument("--seeds", default=None,
+                        help="part 3: comma-separated run seeds; each cell is run once per "
+                             "seed and the tables show the mean (default: 42)")
+    parser.add_argument("--levels-runs", default=None,
+                        help="part 3: JSON-lines file of finished runs (appended to; cells "
+                             "already there are not run again)")
+    parser.add_argument("--clients", default=None,
+                        help="part 3: comma-separated client counts (default: 100,10)")
+    parser.add_argument("--epsilons", default=None,
+                        help="part 3: comma-separated target epsilons (default: 1,2,4,8)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for part 1 (default: torch's choice)")
     args = parser.parse_args()
@@ -379,8 +392,13 @@ def main() -> None:
     if do_levels:
         import dp_levels
 
-        levels = dp_levels.run(args.quick, args.mechanisms.split(",") if args.mechanisms
-                               else None)
+        levels = dp_levels.run(
+            args.quick, args.mechanisms.split(",") if args.mechanisms else None,
+            clients=[int(c) for c in args.clients.split(",")] if args.clients else None,
+            seeds=[int(s) for s in args.seeds.split(",")] if args.seeds else None,
+            epsilons=[float(e) for e in args.epsilons.split(",")] if args.epsilons else None,
+            runs_file=Path(args.levels_runs) if args.levels_runs else None,
+            collect_only=args.collect_only)
         table = dp_levels.table_markdown(levels)
         print("\n" + table)
         (RESULTS / "dp_levels.md").write_text(table)
