@@ -29,6 +29,48 @@ def _config_error(message: str) -> Exception:
     return ConfigError(message)
 
 
+def _check_noise_choice(noise_multiplier: float | None, target_epsilon: float | None) -> None:
+    """Exactly one of σ and a target ε plans the noise; a given σ must be positive."""
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise _config_error(
+            f"dp.noise_multiplier={noise_multiplier!r} and "
+            f"dp.target_epsilon={target_epsilon!r}: set exactly one of them "
+            "(the other null)"
+        )
+    if noise_multiplier is not None and not (
+        math.isfinite(noise_multiplier) and noise_multiplier > 0
+    ):
+        raise _config_error(
+            f"dp.noise_multiplier={noise_multiplier!r} must be > 0 (zero noise "
+            "gives no differential privacy; use dp=none)"
+        )
+
+
+def _check_budget(max_epsilon: float | None, target_epsilon: float | None,
+                  consequence: str = "") -> None:
+    """A budget must be positive and not below the target the noise is planned to spend."""
+    if max_epsilon is None:
+        return
+    if not (math.isfinite(max_epsilon) and max_epsilon > 0):
+        raise _config_error(f"dp.max_epsilon={max_epsilon!r} must be > 0")
+    if target_epsilon is not None and max_epsilon < target_epsilon:
+        raise _config_error(
+            f"dp.max_epsilon={max_epsilon!r} is below "
+            f"dp.target_epsilon={target_epsilon!r}: the noise is planned to "
+            f"spend the target by the last round{consequence}; "
+            "lower dp.target_epsilon instead"
+        )
+
+
+def _run_budget(max_epsilon: float | None, target_epsilon: float | None) -> float | None:
+    """The run-wide budget: max_epsilon, else the target, else none."""
+    if max_epsilon is not None:
+        return float(max_epsilon)
+    if target_epsilon is not None:
+        return float(target_epsilon)
+    return None
+
+
 @dataclass
 class LocalDPSettings:
     """`dp=local`: per-client DP-SGD with cumulative accounting and a budget."""
@@ -50,19 +92,7 @@ class LocalDPSettings:
         """Raise ConfigError naming the key of the first inconsistent setting."""
         if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise _config_error(f"dp.max_grad_norm={self.max_grad_norm!r} must be > 0")
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise _config_error(
-                f"dp.noise_multiplier={self.noise_multiplier!r} and "
-                f"dp.target_epsilon={self.target_epsilon!r}: set exactly one of them "
-                "(the other null)"
-            )
-        if self.noise_multiplier is not None and not (
-            math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0
-        ):
-            raise _config_error(
-                f"dp.noise_multiplier={self.noise_multiplier!r} must be > 0 (zero noise "
-                "gives no differential privacy; use dp=none)"
-            )
+        _check_noise_choice(self.noise_multiplier, self.target_epsilon)
         if self.target_epsilon is not None and not (
             math.isfinite(self.target_epsilon) and self.target_epsilon > 0
         ):
@@ -87,16 +117,8 @@ class LocalDPSettings:
                 f"{self.grad_sample_mode!r}: Opacus's modes draw their noise from a "
                 "torch.Generator, which is not a cryptographic generator"
             )
-        if self.max_epsilon is not None:
-            if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
-                raise _config_error(f"dp.max_epsilon={self.max_epsilon!r} must be > 0")
-            if self.target_epsilon is not None and self.max_epsilon < self.target_epsilon:
-                raise _config_error(
-                    f"dp.max_epsilon={self.max_epsilon!r} is below "
-                    f"dp.target_epsilon={self.target_epsilon!r}: the noise is planned to "
-                    "spend the target by the last round, so every client would stop early; "
-                    "lower dp.target_epsilon instead"
-                )
+        _check_budget(self.max_epsilon, self.target_epsilon,
+                      ", so every client would stop early")
         if cfg is not None:
             from fedstack.privacy.schedule import validate_public_schedule
 
@@ -104,11 +126,7 @@ class LocalDPSettings:
 
     def run_budget(self) -> float | None:
         """The run-wide per-client budget: max_epsilon, else the target, else none."""
-        if self.max_epsilon is not None:
-            return float(self.max_epsilon)
-        if self.target_epsilon is not None:
-            return float(self.target_epsilon)
-        return None
+        return _run_budget(self.max_epsilon, self.target_epsilon)
 
 
 #: Aggregations under which the server sees each client's update and can clip it.
@@ -148,26 +166,11 @@ class CentralDPSettings:
                 "use dp=distributed, whose clients clip and add the noise themselves)")
         if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
             raise _config_error(f"dp.clip_norm={self.clip_norm!r} must be > 0")
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise _config_error(
-                f"dp.noise_multiplier={self.noise_multiplier!r} and "
-                f"dp.target_epsilon={self.target_epsilon!r}: set exactly one of them "
-                "(the other null)")
-        if self.noise_multiplier is not None and not (
-                math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
-            raise _config_error(
-                f"dp.noise_multiplier={self.noise_multiplier!r} must be > 0 (zero noise "
-                "gives no differential privacy; use dp=none)")
-        for key in ("target_epsilon", "max_epsilon"):
-            value = getattr(self, key)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise _config_error(f"dp.{key}={value!r} must be > 0")
-        if (self.max_epsilon is not None and self.target_epsilon is not None
-                and self.max_epsilon < self.target_epsilon):
-            raise _config_error(
-                f"dp.max_epsilon={self.max_epsilon!r} is below "
-                f"dp.target_epsilon={self.target_epsilon!r}: the noise is planned to spend "
-                "the target by the last round; lower dp.target_epsilon instead")
+        _check_noise_choice(self.noise_multiplier, self.target_epsilon)
+        if self.target_epsilon is not None and not (
+                math.isfinite(self.target_epsilon) and self.target_epsilon > 0):
+            raise _config_error(f"dp.target_epsilon={self.target_epsilon!r} must be > 0")
+        _check_budget(self.max_epsilon, self.target_epsilon)
         if self.delta is not None and not (0.0 < self.delta < 1.0):
             raise _config_error(
                 f"dp.delta={self.delta!r} must be in (0, 1) (null: 1/(10 num_clients))")
@@ -204,11 +207,7 @@ class CentralDPSettings:
 
     def run_budget(self) -> float | None:
         """The run's client-level budget: max_epsilon, else the target, else none."""
-        if self.max_epsilon is not None:
-            return float(self.max_epsilon)
-        if self.target_epsilon is not None:
-            return float(self.target_epsilon)
-        return None
+        return _run_budget(self.max_epsilon, self.target_epsilon)
 
 
 #: Aggregations under which clients can add the noise inside the ring (dp=distributed).
@@ -261,14 +260,7 @@ class DistributedDPSettings:
         if not (math.isfinite(self.server_learning_rate) and self.server_learning_rate > 0):
             raise _config_error(
                 f"dp.server_learning_rate={self.server_learning_rate!r} must be > 0")
-        if self.max_epsilon is not None:
-            if not (math.isfinite(self.max_epsilon) and self.max_epsilon > 0):
-                raise _config_error(f"dp.max_epsilon={self.max_epsilon!r} must be > 0")
-            if self.target_epsilon is not None and self.max_epsilon < self.target_epsilon:
-                raise _config_error(
-                    f"dp.max_epsilon={self.max_epsilon!r} is below "
-                    f"dp.target_epsilon={self.target_epsilon!r}: the noise is planned to "
-                    "spend the target by the last round; lower dp.target_epsilon instead")
+        _check_budget(self.max_epsilon, self.target_epsilon)
         from fedstack.privacy.distributed.mechanism import MechanismError, plan_for
         from fedstack.privacy.distributed.run_config import mechanism_settings
 
@@ -279,8 +271,4 @@ class DistributedDPSettings:
 
     def run_budget(self) -> float | None:
         """The run's client-level budget: max_epsilon, else the target, else none."""
-        if self.max_epsilon is not None:
-            return float(self.max_epsilon)
-        if self.target_epsilon is not None:
-            return float(self.target_epsilon)
-        return None
+        return _run_budget(self.max_epsilon, self.target_epsilon)
