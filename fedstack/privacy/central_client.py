@@ -14,13 +14,10 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from fedstack.log import get_logger
-from fedstack.policy import NodePolicy, PolicyRefusal, node_policy
+from fedstack.policy import NodePolicy, node_policy
 from fedstack.privacy.central import CentralPlan, plan_from_config
 from fedstack.privacy.client_accountant import client_level_epsilon
-from fedstack.task.training import SGDTrainer, TrainOutcome
-
-log = get_logger(__name__)
+from fedstack.privacy.policy_trainer import PolicyCheckedTrainer, sgd_trainer
 
 #: The policy's name for this DP mode.
 DP_NAME = "central"
@@ -41,35 +38,12 @@ def check_central_policy(policy: NodePolicy, plan: CentralPlan, server_round: in
     policy.check_dp(name=DP_NAME, noise_multiplier=plan.noise_multiplier, epsilon=epsilon)
 
 
-class CentralClientTrainer:
-    """SGD on the client; declines (for good, with a fixed reason) a round its policy refuses."""
-
-    decline_permanent = True
-
-    def __init__(self, sgd: SGDTrainer, policy: NodePolicy, plan: CentralPlan) -> None:
-        self.sgd = sgd
-        self.policy = policy
-        self.plan = plan
-
-    def reply_records(self) -> dict[str, dict[str, Any]]:
-        return {}
-
-    def train(self, model: Any, data: Any, server_round: int) -> TrainOutcome:
-        try:
-            check_central_policy(self.policy, self.plan, server_round)
-        except PolicyRefusal as refusal:
-            log.warning("round %s refused by this node's policy (%s): %s", server_round,
-                        refusal.code, refusal.detail)
-            return TrainOutcome(num_examples=0, train_loss=float("nan"), metrics={},
-                                declined=refusal.reason)
-        return self.sgd.train(model, data, server_round)
-
-
 def build_central_trainer(cfg: Any, context: Any, partition_id: int,
-                          task: Any = None) -> CentralClientTrainer:
+                          task: Any = None) -> PolicyCheckedTrainer:
     """The ClientApp's trainer under dp=central (client_app.local_trainer)."""
     from fedstack.config import config_to_yaml
 
-    sgd = SGDTrainer(cfg.task, int(cfg.seed), partition_id,
-                     loss=task.train_loss() if task is not None else None)
-    return CentralClientTrainer(sgd, node_policy(context), _plan(config_to_yaml(cfg)))
+    plan = _plan(config_to_yaml(cfg))
+    return PolicyCheckedTrainer(
+        sgd_trainer(cfg, partition_id, task), node_policy(context),
+        lambda policy, _model, server_round: check_central_policy(policy, plan, server_round))

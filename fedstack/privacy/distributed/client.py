@@ -14,13 +14,10 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from fedstack.log import get_logger
-from fedstack.policy import NodePolicy, PolicyRefusal, node_policy
-from fedstack.task.training import SGDTrainer, TrainOutcome
+from fedstack.policy import node_policy
+from fedstack.privacy.policy_trainer import PolicyCheckedTrainer, sgd_trainer
 
 from .codec import DistributedCodec
-
-log = get_logger(__name__)
 
 
 @lru_cache(maxsize=8)
@@ -36,35 +33,13 @@ def model_size(model: Any) -> int:
     return int(sum(v.numel() for v in model.state_dict().values()))
 
 
-class DistributedClientTrainer:
-    """SGD on the client; declines (for good, with a fixed reason) a round its policy refuses."""
-
-    decline_permanent = True
-
-    def __init__(self, sgd: SGDTrainer, policy: NodePolicy, codec: DistributedCodec) -> None:
-        self.sgd = sgd
-        self.policy = policy
-        self.codec = codec
-
-    def reply_records(self) -> dict[str, dict[str, Any]]:
-        return {}
-
-    def train(self, model: Any, data: Any, server_round: int) -> TrainOutcome:
-        try:
-            self.policy.check_dp(**self.codec.policy_terms(model_size(model), server_round))
-        except PolicyRefusal as refusal:
-            log.warning("round %s refused by this node's policy (%s): %s", server_round,
-                        refusal.code, refusal.detail)
-            return TrainOutcome(num_examples=0, train_loss=float("nan"), metrics={},
-                                declined=refusal.reason)
-        return self.sgd.train(model, data, server_round)
-
-
 def build_distributed_trainer(cfg: Any, context: Any, partition_id: int,
-                              task: Any = None) -> DistributedClientTrainer:
+                              task: Any = None) -> PolicyCheckedTrainer:
     """The ClientApp's trainer under dp=distributed (client_app.local_trainer)."""
     from fedstack.config import config_to_yaml
 
-    sgd = SGDTrainer(cfg.task, int(cfg.seed), partition_id,
-                     loss=task.train_loss() if task is not None else None)
-    return DistributedClientTrainer(sgd, node_policy(context), _codec(config_to_yaml(cfg)))
+    codec = _codec(config_to_yaml(cfg))
+    return PolicyCheckedTrainer(
+        sgd_trainer(cfg, partition_id, task), node_policy(context),
+        lambda policy, model, server_round: policy.check_dp(
+            **codec.policy_terms(model_size(model), server_round)))
